@@ -1,0 +1,457 @@
+"""``compress()``: the one entry point that the CLI, the service worker and the tests call.
+
+Stages: load the model and data, record the original model's outputs, export the original to
+ONNX, run the recipe's torch passes, export the compressed model, run ONNX passes, check ORT
+against torch, evaluate both ONNX models, time them, gate, write report.json and report.html.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .context import PassContext, PassReport
+from .data import Dataset, load_dataset
+from .errors import (
+    EXIT_GATE_FAILED,
+    EXIT_OK,
+    CompressError,
+    DataError,
+    ExportError,
+    ModelLoadError,
+    PassError,
+)
+from .evaluate.gate import describe_failure, gate_checks
+from .evaluate.metrics import output_agreement, task_metrics
+from .export.onnx import export_onnx, onnx_files, onnx_size_bytes, op_histogram
+from .export.ort import default_threads, make_session, measure_latencies, predict_onnx
+from .models import ModelHandle, load_model
+from .paths import resolve_path
+from .recipe import Recipe, load_recipe, recipe_base_dir, recipe_to_yaml
+from .registry import get_pass
+from .report import REPORT_SCHEMA_VERSION, environment_info, write_html
+from .report.plots import latency_plot, layer_plot
+from .specs import CalibrationSpec, EvaluationSpec
+
+log = logging.getLogger("compress")
+
+# (stage, share of the overall progress bar)
+STAGES = {"load": 0.04, "data": 0.04, "baseline": 0.08, "export_original": 0.08, "passes": 0.44,
+          "export": 0.12, "evaluate": 0.10, "latency": 0.08, "report": 0.02}
+ProgressFn = Callable[[str, float, str], None]
+
+
+@dataclass
+class CompressResult:
+    out_dir: Path
+    report: dict
+    model_path: Path
+    report_path: Path
+    html_path: Path
+    gate_passed: bool
+    gate_failures: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.gate_passed else EXIT_GATE_FAILED
+
+    def summary(self) -> dict:
+        """What ``compress run --json`` prints: paths, headline metrics, gate."""
+        r = self.report
+        return {"status": "ok" if self.gate_passed else "gate_failed",
+                "exit_code": self.exit_code, "out_dir": str(self.out_dir),
+                "model": str(self.model_path), "report": str(self.report_path),
+                "report_html": str(self.html_path), "metrics": r["metrics"], "size": r["size"],
+                "latency": r["latency"], "gate": r["gate"]}
+
+
+class _Progress:
+    def __init__(self, fn: ProgressFn | None):
+        self.fn = fn
+        self.done = 0.0
+        self.stage = ""
+
+    def start(self, stage: str) -> None:
+        self.stage = stage
+        self.update(0.0, "")
+
+    def finish(self, stage: str) -> None:
+        self.update(1.0, "")
+        self.done += STAGES[stage]
+
+    def update(self, fraction: float, message: str) -> None:
+        if self.fn is not None:
+            self.fn(self.stage, min(1.0, self.done + STAGES.get(self.stage, 0) * fraction), message)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise DataError("recipe device is 'cuda' but no CUDA device is available; use 'auto' or "
+                        "'cpu'")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+@torch.no_grad()
+def predict_torch(handle: ModelHandle, dataset: Dataset, batch_size: int,
+                  device: torch.device) -> np.ndarray:
+    handle.module.eval()
+    outs = [handle.forward(b).float().cpu().numpy() for b in dataset.batches(batch_size, device)]
+    return np.concatenate(outs, 0)
+
+
+def _resolve_model_path(recipe: Recipe, override: str | None, base: Path | None) -> Path | None:
+    if override:
+        return Path(override).expanduser().resolve()
+    spec = recipe.model
+    value = spec.weights if spec.source == "timm" else spec.path
+    return resolve_path(value, base) if value else None
+
+
+def _resolve_data(spec, override: str | None, base: Path | None) -> Path | None:
+    if override:
+        return Path(override).expanduser().resolve()
+    if spec is not None and spec.path:
+        return resolve_path(spec.path, base)
+    return None
+
+
+class Pipeline:
+    """One run of a recipe. ``run()`` returns a CompressResult; stages fill ``self.report``."""
+
+    def __init__(self, recipe: Recipe, *, model: str | None, calib: str | None,
+                 eval: str | None, out_dir: Path, progress: ProgressFn | None,
+                 device: str | None):
+        self.recipe = recipe
+        self.overrides = {"model": model, "calib": calib, "eval": eval}
+        self.out = out_dir
+        self.progress = _Progress(progress)
+        self.device = _pick_device(device or recipe.device)
+        self.stages: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.pass_reports: list[PassReport] = []
+        self.base = recipe_base_dir(recipe) or Path.cwd()
+
+    @contextmanager
+    def stage(self, name: str):
+        self.progress.start(name)
+        t = time.perf_counter()
+        yield
+        self.stages[name] = round(time.perf_counter() - t, 3)
+        self.progress.finish(name)
+
+    # ------------------------------------------------------------------ stages
+
+    def load(self) -> None:
+        path = _resolve_model_path(self.recipe, self.overrides["model"], self.base)
+        if path is not None and not path.exists():
+            field_name = "weights" if self.recipe.model.source == "timm" else "path"
+            raise ModelLoadError(f"model.{field_name} {str(path)!r} does not exist (set it in the "
+                                 "recipe or pass --model)")
+        self.model_path = path
+        self.handle = load_model(self.recipe.model, path)
+        if self.handle.module is not None:
+            self.handle.to(self.device)
+
+    def load_data(self) -> None:
+        r = self.recipe
+        calib_spec = r.calibration
+        calib_path = _resolve_data(calib_spec, self.overrides["calib"], self.base)
+        if calib_spec is None and calib_path is not None:
+            calib_spec = CalibrationSpec(path=str(calib_path))
+        self.calib: Dataset | None = None
+        if calib_spec is not None:
+            if calib_path is None:
+                raise DataError("calibration.path is not set; give it in the recipe or pass --calib")
+            self.calib = load_dataset(calib_spec, calib_path, self.handle, "calibration")
+        eval_spec: EvaluationSpec = r.evaluation
+        eval_path = _resolve_data(eval_spec, self.overrides["eval"], self.base)
+        if eval_path is not None:
+            self.eval = load_dataset(eval_spec, eval_path, self.handle, "evaluation")
+        elif self.calib is not None:
+            self.eval = self.calib
+            self.warnings.append("no evaluation data (evaluation.path or --eval): metrics are "
+                                 "measured on the calibration samples, which flatters the result")
+        else:
+            raise DataError("no evaluation data: set evaluation.path (or calibration.path) in the "
+                            "recipe, or pass --eval")
+
+    def baseline(self) -> None:
+        bs = self.recipe.evaluation.batch_size
+        if self.handle.module is not None:
+            self.reference = predict_torch(self.handle, self.eval, bs, self.device)
+        else:
+            self.reference = predict_onnx(make_session(self.handle.onnx_path), self.eval, bs)
+
+    def export_original(self) -> None:
+        ex = self.recipe.export
+        self.fp32_path = self.out / "model.fp32.onnx" if ex.keep_fp32 else \
+            self.workdir / "model.fp32.onnx"
+        if self.handle.module is not None:
+            self._export(self.fp32_path)
+        else:
+            self._copy_onnx(self.handle.onnx_path, self.fp32_path)
+
+    def _export(self, path: Path) -> None:
+        module_device = self.handle.device
+        self.handle.to("cpu")
+        try:
+            export_onnx(self.handle, path, opset=self.recipe.export.opset,
+                        external_data=self.recipe.export.external_data)
+        finally:
+            self.handle.to(module_device)
+
+    @staticmethod
+    def _copy_onnx(src: Path, dst: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(src))  # pulls external data in
+        size = model.ByteSize()
+        onnx.save(model, str(dst), save_as_external_data=size > (1 << 30),
+                  location=dst.name + ".data")
+
+    def run_passes(self, stage_filter: str) -> None:
+        entries = [(i, p, get_pass(p.type)) for i, p in enumerate(self.recipe.passes)]
+        entries = [e for e in entries if e[2].stage == stage_filter]
+        batch = self.recipe.calibration.batch_size if self.recipe.calibration else 32
+        for n, (i, cfg, entry) in enumerate(entries):
+            report = PassReport(index=i, type=cfg.type)
+            self.pass_reports.append(report)
+
+            def on_progress(frac: float, msg: str, n=n, i=i, cfg=cfg):
+                self.progress.update((n + frac) / len(entries), f"pass {i} ({cfg.type}) {msg}")
+
+            ctx = PassContext(index=i, calib=self.calib, device=self.device,
+                              workdir=self.workdir, out_dir=self.out, report=report,
+                              batch_size=batch, progress_fn=on_progress,
+                              onnx_path=self.model_onnx if stage_filter == "onnx" else None)
+            t = time.perf_counter()
+            try:
+                entry.fn(self.handle, cfg, ctx)
+            except CompressError:
+                raise
+            except (TypeError, AttributeError, NameError, AssertionError):
+                raise  # bugs, not input: keep the original traceback
+            except Exception as e:  # noqa: BLE001 - anything else fails this pass with a reason
+                raise PassError(i, cfg.type, f"{type(e).__name__}: {e}") from e
+            report.seconds = round(time.perf_counter() - t, 3)
+            self.warnings += [f"pass {i} ({cfg.type}): {w}" for w in report.warnings]
+
+    def export_compressed(self) -> None:
+        self.model_onnx = self.out / "model.onnx"
+        self.parity = []
+        torch_passes = any(get_pass(p.type).stage == "torch" for p in self.recipe.passes)
+        if not torch_passes:
+            self._copy_onnx(self.fp32_path, self.model_onnx)
+            return
+        self._export(self.model_onnx)
+        # ORT must agree with the torch model it came from, at several batch sizes.
+        sess = make_session(self.model_onnx)
+        ex = self.recipe.export
+        for bs in ex.verify_batch_sizes:
+            sample = self.eval.take(min(bs, len(self.eval)))
+            ref = predict_torch(self.handle, sample, bs, self.device)
+            got = predict_onnx(sess, sample, bs)
+            agree = output_agreement(ref, got)
+            self.parity.append({"batch_size": bs, **{k: round(v, 6) for k, v in agree.items()}})
+            if agree["cosine"] < ex.parity_min_cosine:
+                raise ExportError(
+                    f"ONNX Runtime output of model.onnx disagrees with the torch model at batch "
+                    f"{bs}: cosine {agree['cosine']:.4f} < export.parity_min_cosine "
+                    f"{ex.parity_min_cosine}")
+        self.compressed_torch = predict_torch(self.handle, self.eval,
+                                              self.recipe.evaluation.batch_size, self.device)
+
+    def evaluate(self) -> None:
+        ev = self.recipe.evaluation
+        task = self.handle.task
+        labels = None if self.eval.labels is None else self.eval.labels.numpy()
+        fp32_out = predict_onnx(make_session(self.fp32_path), self.eval, ev.batch_size)
+        comp_out = predict_onnx(make_session(self.model_onnx), self.eval, ev.batch_size)
+        self.metrics = {
+            "original": task_metrics(task, self.reference, fp32_out, labels, ev.retrieval_k),
+            "compressed": task_metrics(task, self.reference, comp_out, labels, ev.retrieval_k),
+        }
+        if getattr(self, "compressed_torch", None) is not None:
+            self.metrics["compressed_torch"] = task_metrics(
+                task, self.reference, self.compressed_torch, labels, ev.retrieval_k)
+            self.parity.append({"batch_size": "eval", **{k: round(v, 6) for k, v in output_agreement(
+                self.compressed_torch, comp_out).items()}})
+        if "top1" in self.metrics["original"]:
+            self.metrics["drop"] = {"top1_points": round(
+                (self.metrics["original"]["top1"] - self.metrics["compressed"]["top1"]) * 100, 4)}
+        self.gate = gate_checks(ev.gate, task, self.metrics["original"],
+                                self.metrics["compressed"], ev.retrieval_k)
+
+    def latency(self) -> None:
+        spec = self.recipe.evaluation.latency
+        threads = spec.threads or default_threads()
+        self.latency_result = {"threads": threads, "repeats": spec.repeats, "unit": "ms",
+                               "seq_len": spec.seq_len if self.handle.task == "text-embedding"
+                               else None}
+        if not spec.enabled:
+            return
+        lat = measure_latencies({"original": self.fp32_path, "compressed": self.model_onnx},
+                                self.handle, spec.batch_sizes, repeats=spec.repeats,
+                                warmup=spec.warmup, threads=threads, seq_len=spec.seq_len)
+        self.latency_result.update(lat)
+        self.latency_result["speedup"] = {
+            bs: round(lat["original"][bs] / max(lat["compressed"][bs], 1e-9), 3)
+            for bs in lat["original"]}
+
+    def write_report(self) -> dict:
+        h = self.handle
+        layers = []
+        for pr in self.pass_reports:
+            for name, fields in pr.layers.items():
+                layers.append({"name": name, "pass": pr.index, **fields})
+        plots = []
+        if layer_plot(layers, self.out / "plots" / "layers.png"):
+            plots.append({"title": "Per-layer SQNR and bit-width", "file": "plots/layers.png"})
+        if latency_plot(self.latency_result, self.out / "plots" / "latency.png"):
+            plots.append({"title": "Latency", "file": "plots/latency.png"})
+        for pr in self.pass_reports:
+            plots += pr.plots
+        (self.out / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        orig_size = onnx_size_bytes(self.fp32_path)
+        comp_size = onnx_size_bytes(self.model_onnx)
+        artifacts = []
+        for f in sorted(p for p in self.out.rglob("*") if p.is_file()):
+            rel = f.relative_to(self.out).as_posix()
+            if rel in ("report.json", "report.html") or rel.startswith("."):
+                continue
+            artifacts.append({"name": rel, "bytes": f.stat().st_size, "sha256": _sha256(f)})
+        gate_passed = all(c["passed"] for c in self.gate)
+        report = {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "compress_version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": self.recipe.model_dump(mode="json"),
+            "model": {"source": h.source, "name": h.name, "task": h.task,
+                      "params": h.param_count() or None,
+                      "path": str(self.model_path) if self.model_path else None},
+            "data": {"calibration": self.calib.summary() if self.calib else None,
+                     "evaluation": self.eval.summary()},
+            "device": str(self.device),
+            "passes": [{"index": p.index, "type": p.type, "seconds": p.seconds,
+                        "summary": p.summary, "warnings": p.warnings} for p in self.pass_reports],
+            "layers": layers,
+            "metrics": self.metrics,
+            "gate": {"passed": gate_passed, "checks": self.gate},
+            "size": {"original_bytes": orig_size, "compressed_bytes": comp_size,
+                     "ratio": round(orig_size / max(comp_size, 1), 3)},
+            "latency": self.latency_result,
+            "export": {"opset": self.recipe.export.opset, "artifacts": artifacts,
+                       "parity": self.parity, "op_histogram": op_histogram(self.model_onnx),
+                       "files": [f.name for f in onnx_files(self.model_onnx)]},
+            "plots": plots,
+            "stages": self.stages,
+            "environment": environment_info(),
+            "warnings": self.warnings + (self.calib.notes if self.calib else [])
+            + ([] if self.eval is self.calib else self.eval.notes),
+        }
+        return report
+
+    def run(self) -> CompressResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        t_all = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="compress-") as tmp:
+            self.workdir = Path(tmp)
+            with self.stage("load"):
+                self.load()
+            with self.stage("data"):
+                self.load_data()
+            with self.stage("baseline"):
+                self.baseline()
+            with self.stage("export_original"):
+                self.export_original()
+            with self.stage("passes"):
+                self.run_passes("torch")
+            with self.stage("export"):
+                self.export_compressed()
+                self.run_passes("onnx")
+            with self.stage("evaluate"):
+                self.evaluate()
+            with self.stage("latency"):
+                self.latency()
+            with self.stage("report"):
+                self.stages["total"] = round(time.perf_counter() - t_all, 3)
+                report = self.write_report()
+                report_path = self.out / "report.json"
+                report_path.write_text(json.dumps(report, indent=2, default=str))
+                html_path = write_html(report, self.out, self.out / "report.html")
+        failures = [describe_failure(c) for c in report["gate"]["checks"] if not c["passed"]]
+        return CompressResult(out_dir=self.out, report=report, model_path=self.model_onnx,
+                              report_path=report_path, html_path=html_path,
+                              gate_passed=report["gate"]["passed"], gate_failures=failures)
+
+
+def compress(recipe: Recipe | str | Path, *, model: str | None = None, calib: str | None = None,
+             eval: str | None = None, out_dir: str | Path = "out",
+             overrides: list[str] = (), progress: ProgressFn | None = None,
+             device: str | None = None) -> CompressResult:
+    """Run a recipe end to end; returns the result even when the quality gate fails.
+
+    Args:
+        recipe: a Recipe, or the path of a recipe YAML file.
+        model: weights file (timm) or model folder/ONNX file (hf/onnx), overriding the recipe.
+        calib: calibration data path, overriding ``calibration.path``.
+        eval: evaluation data path, overriding ``evaluation.path``.
+        out_dir: where model.onnx, model.fp32.onnx, report.json and report.html go.
+        overrides: ``KEY=VALUE`` edits applied to the recipe before validation.
+        progress: called as ``progress(stage, overall_fraction, message)``; may raise
+            ``compress.errors.CancelledError`` to stop the run.
+        device: "cpu", "cuda" or "auto", overriding the recipe's ``device``.
+
+    Raises:
+        InputError (RecipeError, ModelLoadError, DataError) for bad input, PassError,
+        ExportError for failures on valid input.
+    """
+    # A --calib path may stand in for a recipe without a calibration section.
+    values = {"calibration.path": str(Path(calib).expanduser().resolve())} if calib else None
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides=list(overrides), values=values)
+    elif overrides or values:
+        from .recipe import parse_recipe
+
+        base = recipe._base_dir
+        recipe = parse_recipe(recipe.model_dump(mode="json"), overrides=list(overrides),
+                              values=values)
+        recipe._base_dir = base
+    torch.manual_seed(0)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} is a file; pass a folder for the results")
+    pipeline = Pipeline(recipe, model=model, calib=calib, eval=eval, out_dir=out,
+                        progress=progress, device=device)
+    return pipeline.run()
+
+
+def clean_out_dir(out: Path) -> None:
+    """Remove the files a previous run left in ``out`` (used by the CLI's --overwrite)."""
+    for name in ("model.onnx", "model.onnx.data", "model.fp32.onnx", "model.fp32.onnx.data",
+                 "report.json", "report.html", "recipe.yaml"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)

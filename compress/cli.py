@@ -1,0 +1,210 @@
+"""The ``compress`` command line.
+
+Exit codes: 0 ok, 2 bad input (recipe, model, data, usage), 3 quality gate failed, 1 anything
+else. ``--json`` prints one JSON object on stdout for pipeline steps; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, CompressError
+
+log = logging.getLogger("compress")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(err: Exception, as_json: bool) -> None:
+    code = err.exit_code if isinstance(err, CompressError) else EXIT_FAILURE
+    payload = err.to_dict() if isinstance(err, CompressError) else {
+        "type": type(err).__name__, "message": str(err)}
+    if as_json:
+        click.echo(json.dumps({"status": "error", "exit_code": code, "error": payload}))
+    label = "error" if code != EXIT_FAILURE or isinstance(err, CompressError) else "internal error"
+    click.echo(f"{label}: {err}", err=True)
+    if not isinstance(err, CompressError):
+        log.debug("traceback:\n%s", traceback.format_exc())
+    sys.exit(code)
+
+
+class _Bar:
+    """tqdm progress bar over the whole run, labelled with the current stage."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, unit="%", file=sys.stderr, disable=None,
+                            bar_format="{desc:<42.42} {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_description_str(f"{stage} {message}".strip(), refresh=False)
+        self.bar.update(max(0.0, fraction * 100 - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compress")
+def main() -> None:
+    """Compress trained models for ONNX Runtime: quantization, binarization, token pruning."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--model", "model_path", help="weights file, HF model folder or ONNX file "
+              "(overrides model.weights / model.path)")
+@click.option("--calib", "calib_path", help="calibration data (overrides calibration.path)")
+@click.option("--eval", "eval_path", help="evaluation data (overrides evaluation.path)")
+@click.option("--out", "out_dir", default="out", show_default=True, help="output folder")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="edit the recipe, e.g. --set passes.0.activations.observer=percentile")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@click.option("--no-progress", is_flag=True, help="hide the progress bar")
+@click.option("-v", "--verbose", is_flag=True)
+def run(recipe, model_path, calib_path, eval_path, out_dir, overrides, device, as_json,
+        no_progress, verbose):
+    """Compress a model as RECIPE says; write the ONNX model and the report to --out."""
+    _setup_logging(verbose)
+    from .api import compress
+
+    bar = _Bar(enabled=not no_progress)
+    try:
+        result = compress(recipe, model=model_path, calib=calib_path, eval=eval_path,
+                          out_dir=out_dir, overrides=list(overrides), progress=bar,
+                          device=device)
+    except Exception as e:  # noqa: BLE001 - mapped to exit codes
+        bar.close()
+        _fail(e, as_json)
+        return
+    bar.close()
+    if as_json:
+        click.echo(json.dumps(result.summary(), default=str))
+    else:
+        _print_summary(result)
+    sys.exit(result.exit_code)
+
+
+def _print_summary(result) -> None:
+    r = result.report
+    m = r["metrics"]
+    click.echo(f"model:  {result.model_path}")
+    click.echo(f"report: {result.html_path}  (JSON: {result.report_path})")
+    size = r["size"]
+    click.echo(f"size:   {size['original_bytes'] / 1e6:.2f} MB -> "
+               f"{size['compressed_bytes'] / 1e6:.2f} MB ({size['ratio']:.2f}x smaller)")
+    if r["latency"].get("speedup"):
+        sp = ", ".join(f"batch {b}: {s:.2f}x" for b, s in r["latency"]["speedup"].items())
+        click.echo(f"speed:  {sp} ({r['latency']['threads']} threads)")
+    comp = m["compressed"]
+    if "top1" in comp:
+        click.echo(f"top-1:  {m['original']['top1'] * 100:.2f}% -> {comp['top1'] * 100:.2f}% "
+                   f"(agreement {comp['top1_agreement'] * 100:.2f}%)")
+    elif "top1_agreement" in comp:
+        click.echo(f"top-1 agreement: {comp['top1_agreement'] * 100:.2f}%, KL {comp['kl']:.4g}")
+    if "cosine_mean" in comp:
+        k = next(k for k in comp if k.startswith("retrieval_top"))
+        click.echo(f"cosine: {comp['cosine_mean']:.4f} (min {comp['cosine_min']:.4f}), "
+                   f"{k} {comp[k]:.3f}")
+    if r["gate"]["checks"]:
+        click.echo("gate:   " + ("passed" if result.gate_passed else "FAILED"))
+        for f in result.gate_failures:
+            click.echo(f"  - {f}")
+
+
+@main.group()
+def recipe() -> None:
+    """Validate recipes and print their JSON Schema."""
+
+
+@recipe.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def recipe_validate(files, as_json):
+    """Check recipe FILES; exit 2 on the first invalid one, naming the field."""
+    from .recipe import load_recipe
+
+    for f in files:
+        try:
+            r = load_recipe(f)
+        except Exception as e:  # noqa: BLE001
+            _fail(e, as_json)
+            return
+        msg = {"status": "ok", "file": f, "name": r.name, "passes": [p.type for p in r.passes]}
+        click.echo(json.dumps(msg) if as_json else
+                   f"{f}: ok ({len(r.passes)} pass{'es' if len(r.passes) != 1 else ''}: "
+                   f"{', '.join(p.type for p in r.passes) or 'none'})")
+
+
+@recipe.command("schema")
+def recipe_schema():
+    """Print the recipe JSON Schema."""
+    from .recipe import Recipe
+
+    click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@recipe.command("docs")
+def recipe_docs():
+    """Print the recipe reference (Markdown) generated from the code."""
+    from .recipe_docs import generate
+
+    click.echo(generate(), nl=False)
+
+
+@main.command("passes")
+@click.option("--json", "as_json", is_flag=True)
+def passes_cmd(as_json):
+    """List the registered passes."""
+    from . import recipe as _  # noqa: F401  (registers passes)
+    from .registry import pass_catalog
+
+    cat = pass_catalog()
+    if as_json:
+        click.echo(json.dumps(cat, indent=2))
+        return
+    for p in cat:
+        calib = ", needs calibration" if p["needs_calibration"] else ""
+        click.echo(f"{p['type']:<22} [{p['stage']}{calib}] {p['summary']}")
+
+
+@main.group()
+def reference() -> None:
+    """Reference models and data (built offline, cached)."""
+
+
+@reference.command("build")
+@click.argument("names", nargs=-1)
+def reference_build(names):
+    """Build (or find cached) reference NAMES; all when none given. Prints their folders."""
+    from . import reference as ref
+
+    try:
+        for n in names or ref.names():
+            click.echo(f"{n}: {ref.ensure(n)}")
+    except Exception as e:  # noqa: BLE001
+        _fail(e, False)
+
+
+def entrypoint() -> None:  # pragma: no cover
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

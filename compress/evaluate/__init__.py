@@ -1,0 +1,1 @@
+"""Accuracy and fidelity metrics, and the quality gate."""

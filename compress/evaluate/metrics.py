@@ -1,0 +1,69 @@
+"""Task accuracy and fidelity of a compressed model's outputs against the original's."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def classification_fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and mean KL(original || compressed) of the class distributions."""
+    p, q = _softmax(ref.astype(np.float64)), _softmax(out.astype(np.float64))
+    kl = (p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(-1)
+    return {"top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()),
+            "kl": float(kl.mean())}
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
+
+
+def retrieval_overlap(ref: np.ndarray, out: np.ndarray, k: int) -> float:
+    """Mean overlap of each item's k nearest neighbours (cosine, itself excluded) in both spaces."""
+    n = len(ref)
+    k = min(k, n - 1)
+    if k < 1:
+        return 1.0
+
+    def neighbours(e):
+        e = _normalize(e)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+    a, b = neighbours(ref), neighbours(out)
+    return float(np.mean([len(set(a[i]) & set(b[i])) / k for i in range(n)]))
+
+
+def embedding_fidelity(ref: np.ndarray, out: np.ndarray, k: int = 10) -> dict[str, float]:
+    cos = (_normalize(ref) * _normalize(out)).sum(-1)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            f"retrieval_top{k}_overlap": retrieval_overlap(ref, out, k)}
+
+
+def output_agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Raw output agreement (used for export parity): cosine over the flattened batch, max |diff|."""
+    a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+    return {"cosine": cos, "max_abs_diff": float(np.abs(a - b).max())}
+
+
+def task_metrics(task: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None,
+                 k: int = 10) -> dict[str, float]:
+    """All metrics of ``out`` for the task; ``ref`` is the original model's output."""
+    if task == "image-classification":
+        m = classification_fidelity(ref, out)
+        if labels is not None:
+            m["top1"] = top1_accuracy(out, labels)
+        return m
+    return embedding_fidelity(ref, out, k)

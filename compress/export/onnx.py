@@ -1,0 +1,116 @@
+"""Torch -> ONNX with the dynamo exporter, dynamic batch (and sequence) axes, checked.
+
+Rules learned the hard way (see docs/onnx-notes in the reference): token counts must come from
+integer ops on shapes, ``scatter_reduce(mean)`` must never reach the exporter, and ORT parity is
+checked at several shapes, not only the traced one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..errors import ExportError
+from ..models.handle import ModelHandle
+
+log = logging.getLogger(__name__)
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of parameters above which weights go to a side file
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def export_onnx(handle: ModelHandle, path: Path, *, opset: int = 21,
+                external_data: str = "auto") -> Path:
+    """Export ``handle.module`` (eval mode, CPU) to ``path``; returns the path."""
+    module = handle.module
+    module.eval()
+    device = handle.device
+    example = handle.example_inputs(batch_size=2, seq_len=16)
+    args = tuple(example[n].to(device) for n in handle.input_names)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if handle.task == "text-embedding":
+        seq = torch.export.Dim("sequence", min=2, max=handle.max_positions)
+        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    else:
+        dynamic_shapes = ({0: batch},)
+    use_external = external_data == "always" or (
+        external_data == "auto" and _param_bytes(module) > EXTERNAL_DATA_THRESHOLD)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The exporter prints progress lines to stdout; keep them in the log instead.
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset,
+                input_names=list(handle.input_names), output_names=[handle.output_name],
+                dynamic_shapes=dynamic_shapes, external_data=use_external, verbose=False,
+                report=False)
+            program.save(str(path), external_data=use_external)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        log.debug("exporter output:\n%s", captured.getvalue())
+        raise ExportError(f"ONNX export of {handle.name} failed: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from e
+    log.debug("exporter output:\n%s", captured.getvalue())
+    _strip_node_metadata(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported {path.name} fails onnx.checker: {str(e)[:500]}") from e
+    return path
+
+
+# Node metadata the dynamo exporter writes; only the module path is worth keeping (it maps graph
+# nodes back to layers). Stack traces and class lists can triple a small model's file and leak
+# local paths.
+KEEP_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def _strip_node_metadata(path: Path) -> None:
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key in KEEP_NODE_METADATA]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(path))
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The model file plus any external-data files it references."""
+    files = [path]
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    files += [path.parent / loc for loc in sorted(locations)]
+    return files
+
+
+def onnx_size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in onnx_files(path))
+
+
+def op_histogram(path: Path) -> dict[str, int]:
+    proto = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = node.op_type if not node.domain or node.domain == "ai.onnx" else \
+            f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,7 @@
+"""Compression passes. Importing this package registers every pass.
+
+Add a pass: a module here with a ``PassConfig`` subclass and a function decorated with
+``@register_pass``, imported below. The recipe union is built from the registry.
+"""
+
+from . import ort_quantize, quantize  # noqa: F401

@@ -1,0 +1,137 @@
+"""Baseline post-training quantization: W8A8 fake quantization exported as ONNX Q/DQ."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from ..calibration import measure_layer_sqnr, observe_activations
+from ..context import PassContext
+from ..models.handle import ModelHandle
+from ..patch.attention import explicit_attention_modules, make_attention_explicit
+from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul
+from ..registry import PassConfig, register_pass
+from ..targeting import check_patterns, select_modules, set_submodule
+
+
+class WeightQuant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bits: Literal[2, 3, 4, 5, 6, 8] = Field(
+        8, description="8 runs as int8 in ORT; fewer bits are simulated in int8 (same size)")
+    granularity: Literal["channel"] = Field("channel", description="per output channel")
+    symmetric: Literal[True] = True
+
+
+class ActivationQuant(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bits: Literal[4, 6, 8] = 8
+    symmetric: bool = Field(False, description="false: uint8 with a zero point (fast on x86)")
+    observer: Literal["minmax", "percentile"] = "minmax"
+    percentile: float = Field(99.99, gt=90, le=100, description="for observer: percentile")
+
+
+class QuantizeConfig(PassConfig):
+    """Post-training W8A8 quantization (per-channel weights, calibrated per-tensor activations).
+
+    Linear and Conv2d layers get per-output-channel symmetric integer weights and a calibrated
+    per-tensor activation quantizer on their input; with ``attention_matmuls`` both inputs of
+    ``q @ k^T`` and ``probs @ v`` are quantized too. Exported as ONNX QuantizeLinear/
+    DequantizeLinear that ONNX Runtime fuses into integer kernels. Needs calibration data.
+
+    Recipe:
+        - type: quantize
+          ignore: [head]
+          weights: {bits: 8}
+          activations: {bits: 8, observer: percentile, percentile: 99.99}
+          attention_matmuls: true
+    """
+
+    type: Literal["quantize"] = "quantize"
+    targets: list[str] = Field(default_factory=lambda: ["Linear", "Conv2d"],
+                               description="class names, module names or re:<regex>")
+    ignore: list[str] = Field(default_factory=list, description="layers kept in float")
+    weights: WeightQuant = Field(default_factory=WeightQuant)
+    activations: ActivationQuant | None = Field(
+        default_factory=ActivationQuant, description="null: weight-only quantization")
+    attention_matmuls: bool = Field(True, description="quantize q@k^T and probs@v inputs")
+    sqnr_samples: int = Field(64, ge=1, description="calibration samples for per-layer SQNR")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, v, info):
+        check_patterns(v, info.field_name)
+        return v
+
+
+def new_act_quantizer(spec: ActivationQuant | None) -> ActQuantizer | None:
+    if spec is None:
+        return None
+    return ActQuantizer(spec.bits, spec.symmetric, spec.observer, spec.percentile)
+
+
+def ignored(name: str, patterns: list[str], module: nn.Module) -> bool:
+    from ..targeting import _matches
+
+    return any(_matches(p, name, module) for p in patterns)
+
+
+def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str) -> dict[str, nn.Module]:
+    """Replace targeted Linear/Conv2d layers by quantized ones; returns them by name."""
+    chosen = select_modules(model, config.targets, config.ignore, (nn.Linear, nn.Conv2d),
+                            field_prefix=prefix)
+    wrapped = {}
+    for name, layer in chosen.items():
+        act = new_act_quantizer(config.activations)
+        cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
+        q = cls(layer, config.weights.bits, act)
+        set_submodule(model, name, q)
+        wrapped[name] = q
+    return wrapped
+
+
+def wrap_attention_matmuls(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Module]:
+    make_attention_explicit(model)
+    wrapped = {}
+    for name, attn in explicit_attention_modules(model).items():
+        for part in ("matmul_qk", "matmul_av"):
+            full = f"{name}.{part}"
+            if ignored(full, config.ignore, getattr(attn, part)):
+                continue
+            qm = QuantMatMul(new_act_quantizer(config.activations),
+                             new_act_quantizer(config.activations))
+            setattr(attn, part, qm)
+            wrapped[full] = qm
+    return wrapped
+
+
+@register_pass(QuantizeConfig, needs_calibration=True)
+def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> None:
+    module = model.module
+    prefix = f"passes.{ctx.index}."
+    layers = wrap_layers(module, config, prefix)
+    matmuls = {}
+    if config.attention_matmuls and config.activations is not None:
+        matmuls = wrap_attention_matmuls(module, config)
+    module.to(ctx.device)
+    if config.activations is not None:
+        observe_activations(model, ctx)
+    for q in layers.values():
+        q.quantize_weight()
+    ctx.progress(0.9, "measuring per-layer SQNR")
+    sqnr = measure_layer_sqnr(model, ctx, config.sqnr_samples)
+    a_bits = config.activations.bits if config.activations else None
+    for name, q in layers.items():
+        ctx.report.add_layer(name, kind=type(q).__name__.removeprefix("Quant"),
+                             params=q.weight.numel(), weight_bits=config.weights.bits,
+                             act_bits=a_bits, sqnr_db=sqnr[name],
+                             simulated=config.weights.bits != 8 or (a_bits or 8) != 8)
+    for name in matmuls:
+        ctx.report.add_layer(name, kind="MatMul", params=0, weight_bits=None, act_bits=a_bits,
+                             sqnr_db=sqnr[name], simulated=(a_bits or 8) != 8)
+    ctx.report.summary.update(
+        quantized_layers=len(layers), quantized_matmuls=len(matmuls),
+        weight_bits=config.weights.bits, act_bits=a_bits,
+        observer=config.activations.observer if config.activations else None,
+        min_sqnr_db=min(sqnr.values()) if sqnr else None)

@@ -1,0 +1,1 @@
+"""Thin code that patches third-party model classes; algorithms live elsewhere."""

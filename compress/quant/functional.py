@@ -1,0 +1,80 @@
+"""Quantization as plain tensor functions: ranges, scales, fake quantization, error metrics.
+
+Conventions (Gholami et al., arXiv 2103.13630): ``q = clamp(round(x / scale) + zp, qmin, qmax)``,
+``x_hat = (q - zp) * scale``. ``torch.round`` rounds half to even, as ONNX QuantizeLinear does, so
+the torch simulation and ONNX Runtime agree bit for bit on the integer codes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+
+
+def int_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer code range; ``narrow`` drops the most negative code (symmetric weights)."""
+    if signed:
+        lo = -(2 ** (bits - 1)) + (1 if narrow else 0)
+        return lo, 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def symmetric_qparams(amax: torch.Tensor, bits: int, narrow: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale for a signed symmetric range covering [-amax, amax]; zero point 0."""
+    _, qmax = int_range(bits, signed=True, narrow=narrow)
+    scale = (amax.float() / qmax).clamp_min(EPS)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, bits: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for an unsigned range covering [min, max] (which always holds 0)."""
+    qmin, qmax = int_range(bits, signed=False)
+    lo = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    hi = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zp
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int
+             ) -> torch.Tensor:
+    """Integer codes (as float tensor) of ``x``."""
+    return torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    return (q - zp) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                  ste: bool = False) -> torch.Tensor:
+    """Quantize and dequantize; with ``ste`` the gradient passes straight through."""
+    y = dequantize(quantize(x, scale, zp, qmin, qmax), scale, zp)
+    return x + (y - x).detach() if ste else y
+
+
+def reshape_for_axis(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """Reshape a per-channel vector to broadcast along ``axis`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 20 log10(||ref|| / ||ref - test||)."""
+    ref, test = ref.detach().double(), test.detach().double()
+    noise = torch.linalg.vector_norm(ref - test)
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(torch.linalg.vector_norm(ref) / noise))
+
+
+def sqnr_from_sums(signal_sq: float, noise_sq: float) -> float:
+    import math
+
+    if noise_sq <= 0:
+        return float("inf")
+    return 10 * math.log10(max(signal_sq, EPS) / noise_sq)

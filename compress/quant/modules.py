@@ -1,0 +1,288 @@
+"""Fake-quantization modules that simulate integer inference in torch and export as ONNX Q/DQ.
+
+In torch they compute exactly what ONNX Runtime computes from the exported graph: weights are
+stored as integer codes plus scales, activations are rounded to codes and back. Under
+``torch.onnx.export`` they emit QuantizeLinear/DequantizeLinear around standard MatMul/Conv,
+which ORT fuses into integer kernels (MatMulIntegerToFloat, QLinearConv, MatMulNBits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import (
+    affine_qparams,
+    dequantize,
+    fake_quantize,
+    int_range,
+    quantize,
+    reshape_for_axis,
+    sqnr_from_sums,
+    symmetric_qparams,
+)
+from .observers import make_observer
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def onnx_qdq(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, opset: int = 21,
+             clip: tuple[int, int] | None = None) -> torch.Tensor:
+    """QuantizeLinear -> (Clip) -> DequantizeLinear on ``x`` (per tensor), for export only.
+
+    ``clip`` narrows the integer range for simulated widths below 8 bits (Brevitas-style
+    Q -> Clip -> DQ), since ONNX has no 3/5/6-bit integer types.
+    """
+    sym = torch.onnx.ops.symbolic
+    q = sym("QuantizeLinear", [x, scale, zp], {}, dtype=zp.dtype, shape=x.shape, version=opset)
+    if clip is not None:
+        lo = torch.tensor(clip[0], dtype=zp.dtype)
+        hi = torch.tensor(clip[1], dtype=zp.dtype)
+        q = sym("Clip", [q, lo, hi], {}, dtype=zp.dtype, shape=x.shape, version=opset)
+    return sym("DequantizeLinear", [q, scale, zp], {}, dtype=x.dtype, shape=x.shape,
+               version=opset)
+
+
+def onnx_dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                           axis: int, opset: int = 21) -> torch.Tensor:
+    return torch.onnx.ops.symbolic("DequantizeLinear", [codes, scale, zp], {"axis": axis},
+                                   dtype=torch.float32, shape=codes.shape, version=opset)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake-quantizer.
+
+    Modes: ``off`` (identity), ``observe`` (record ranges, identity), ``quant`` (fake-quantize with
+    frozen scale and zero point). Asymmetric ranges use uint8 codes (U8S8 is what x86 integer
+    kernels want); symmetric ranges use int8. Widths below 8 bits are simulated inside the
+    8-bit container with a narrower clip, and reported as simulated.
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, observer: str = "minmax",
+                 percentile: float = 99.99):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"activation bits must be 2..8, got {bits}")
+        self.bits = bits
+        self.symmetric = symmetric
+        self.observer_kind = observer
+        self.percentile = percentile
+        self.mode = "off"
+        self.observer = None
+        container = torch.int8 if symmetric else torch.uint8
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("zero_point", torch.zeros((), dtype=container))
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int_range(self.bits, signed=self.symmetric, narrow=False)
+
+    @property
+    def simulated(self) -> bool:
+        return self.bits != 8
+
+    def start_observing(self) -> None:
+        self.observer = make_observer(self.observer_kind, self.percentile)
+        self.mode = "observe"
+
+    def freeze(self) -> None:
+        """Turn observed statistics into a scale and zero point and start quantizing."""
+        if self.observer is None or self.observer.empty:
+            raise RuntimeError("ActQuantizer.freeze() before any calibration data was observed")
+        lo, hi = self.observer.range()
+        self.set_range(lo, hi)
+        self.observer = None
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.symmetric:
+            scale, zp = symmetric_qparams(torch.maximum(lo.abs(), hi.abs()), self.bits,
+                                          narrow=False)
+        else:
+            scale, zp = affine_qparams(lo, hi, self.bits)
+        self.scale.copy_(scale.reshape(()))
+        self.zero_point.copy_(zp.reshape(()).to(self.zero_point.dtype))
+        self.mode = "quant"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observer.observe(x)
+            return x
+        if self.mode != "quant":
+            return x
+        qmin, qmax = self.qrange
+        if _exporting():
+            clip = (qmin, qmax) if self.simulated else None
+            return onnx_qdq(x, self.scale, self.zero_point, clip=clip)
+        return fake_quantize(x, self.scale, self.zero_point.to(torch.float32), qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, symmetric={self.symmetric}, observer={self.observer_kind}, "
+                f"mode={self.mode}")
+
+
+class _SQNRMeter:
+    """Accumulates local output SQNR (quantized vs float on the same input) when enabled."""
+
+    def __init__(self):
+        self.enabled = False
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor) -> None:
+        self.signal += float(ref.detach().double().pow(2).sum())
+        self.noise += float((ref.detach().double() - out.detach().double()).pow(2).sum())
+
+    def reset(self) -> None:
+        self.signal = self.noise = 0.0
+
+    @property
+    def db(self) -> float:
+        return sqnr_from_sums(self.signal, self.noise)
+
+
+class QuantWeightMixin:
+    """Per-output-channel symmetric integer weights, stored as codes for export."""
+
+    weight: nn.Parameter
+    w_axis_export: int
+
+    def _init_weight_quant(self, bits: int):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"weight bits must be 2..8, got {bits}")
+        self.w_bits = bits
+        out = self.weight.shape[0]
+        self.register_buffer("w_scale", torch.ones(out, dtype=torch.float32))
+        self.register_buffer("w_zero_point", torch.zeros(out, dtype=torch.int8))
+        self.register_buffer("w_codes", torch.zeros_like(self.weight, dtype=torch.int8))
+        self.weight_frozen = False
+        self.sqnr = _SQNRMeter()
+
+    @property
+    def w_qrange(self) -> tuple[int, int]:
+        return int_range(self.w_bits, signed=True, narrow=True)
+
+    def quantize_weight(self, scale: torch.Tensor | None = None) -> None:
+        """Freeze the weight to integer codes; ``scale`` overrides the min-max scale."""
+        w = self.weight.detach()
+        if scale is None:
+            amax = w.abs().flatten(1).amax(1)
+            scale, _ = symmetric_qparams(amax, self.w_bits, narrow=True)
+        qmin, qmax = self.w_qrange
+        s = reshape_for_axis(scale, w.ndim, 0)
+        self.w_scale.copy_(scale)
+        self.w_codes.copy_(quantize(w, s, torch.zeros(()), qmin, qmax).to(torch.int8))
+        self.weight_frozen = True
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if not self.weight_frozen:
+            return self.weight
+        s = reshape_for_axis(self.w_scale, self.weight.ndim, 0)
+        return dequantize(self.w_codes.to(self.weight.dtype), s, torch.zeros((), device=s.device))
+
+    @property
+    def simulated(self) -> bool:
+        return self.w_bits not in (8,)
+
+
+class QuantLinear(QuantWeightMixin, nn.Module):
+    """nn.Linear with fake-quantized input and integer weights.
+
+    Export: ``Q/DQ(x) @ DQ(codes^T, axis=1) + bias``, the layout ORT fuses into
+    MatMulIntegerToFloat (float output, integer product).
+    """
+
+    def __init__(self, linear: nn.Linear, w_bits: int = 8, input_quantizer: ActQuantizer | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_quantizer = input_quantizer
+        self._init_weight_quant(w_bits)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int = 8,
+                   input_quantizer: ActQuantizer | None = None) -> QuantLinear:
+        return cls(linear, w_bits, input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.input_quantizer(x) if self.input_quantizer is not None else x
+        if _exporting() and self.weight_frozen:
+            codes_t = self.w_codes.t().contiguous()
+            w = onnx_dequantize_weight(codes_t, self.w_scale, self.w_zero_point, axis=1)
+            y = torch.matmul(xq, w)
+            return y + self.bias if self.bias is not None else y
+        y = F.linear(xq, self.dequantized_weight(), self.bias)
+        if self.sqnr.enabled:
+            self.sqnr.add(F.linear(x, self.weight, self.bias), y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}"
+
+
+class QuantConv2d(QuantWeightMixin, nn.Module):
+    """nn.Conv2d with fake-quantized input and per-output-channel integer weights."""
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int = 8, input_quantizer: ActQuantizer | None = None):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Conv2d padding_mode {conv.padding_mode!r} is not supported")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.input_quantizer = input_quantizer
+        self._init_weight_quant(w_bits)
+
+    def _conv(self, x, w):
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.input_quantizer(x) if self.input_quantizer is not None else x
+        if _exporting() and self.weight_frozen:
+            w = onnx_dequantize_weight(self.w_codes, self.w_scale, self.w_zero_point, axis=0)
+            return self._conv(xq, w)
+        y = self._conv(xq, self.dequantized_weight())
+        if self.sqnr.enabled:
+            self.sqnr.add(self._conv(x, self.weight), y)
+        return y
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so passes can swap in a quantized or binarized product."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+class QuantMatMul(MatMul):
+    """Activation x activation product (attention) with both operands fake-quantized."""
+
+    def __init__(self, a_quantizer: ActQuantizer, b_quantizer: ActQuantizer):
+        super().__init__()
+        self.a_quantizer = a_quantizer
+        self.b_quantizer = b_quantizer
+        self.sqnr = _SQNRMeter()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
+        if self.sqnr.enabled and not _exporting():
+            self.sqnr.add(torch.matmul(a, b), y)
+        return y
+
+
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantMatMul)
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def set_act_mode(model: nn.Module, mode: str) -> None:
+    for q in act_quantizers(model):
+        if mode == "observe":
+            q.start_observing()
+        else:
+            q.mode = mode

@@ -1,0 +1,42 @@
+import numpy as np
+
+from compress.evaluate.gate import gate_checks
+from compress.evaluate.metrics import (
+    classification_fidelity,
+    embedding_fidelity,
+    retrieval_overlap,
+    top1_accuracy,
+)
+from compress.specs import GateSpec
+
+
+def test_identical_outputs_are_perfect():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((20, 10))
+    m = classification_fidelity(z, z)
+    assert m["top1_agreement"] == 1.0 and abs(m["kl"]) < 1e-12
+    e = embedding_fidelity(z, z, k=5)
+    assert abs(e["cosine_mean"] - 1) < 1e-12 and e["retrieval_top5_overlap"] == 1.0
+
+
+def test_top1_and_agreement_count_flips():
+    ref = np.eye(4)
+    out = np.eye(4)[[0, 1, 2, 0]]
+    assert classification_fidelity(ref, out)["top1_agreement"] == 0.75
+    assert top1_accuracy(out, np.array([0, 1, 2, 3])) == 0.75
+
+
+def test_retrieval_overlap_detects_shuffled_space():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((50, 16))
+    assert retrieval_overlap(a, a + 1e-6, 5) == 1.0
+    assert retrieval_overlap(a, rng.standard_normal((50, 16)), 5) < 0.3
+
+
+def test_gate_reports_each_limit():
+    gate = GateSpec(max_accuracy_drop=0.5, min_top1_agreement=0.99)
+    checks = gate_checks(gate, "image-classification", {"top1": 0.97},
+                         {"top1": 0.962, "top1_agreement": 0.995, "kl": 0.01}, 10)
+    assert checks[0]["metric"] == "accuracy_drop_points"
+    assert abs(checks[0]["value"] - 0.8) < 1e-9 and not checks[0]["passed"]
+    assert checks[1]["passed"]

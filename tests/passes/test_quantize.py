@@ -1,0 +1,80 @@
+import onnx
+import pytest
+
+from compress import compress
+from compress.recipe import parse_recipe
+from tests.helpers import tiny_vit_recipe
+
+
+def _run(recipe_dict, out):
+    return compress(parse_recipe(recipe_dict), out_dir=out)
+
+
+def test_w8a8_tiny_vit_exports_qdq_that_ort_runs_like_torch(tmp_path, tiny_vit_files):
+    result = _run(tiny_vit_recipe(tiny_vit_files), tmp_path / "out")
+    r = result.report
+    ops = r["export"]["op_histogram"]
+    assert ops["QuantizeLinear"] >= 24 + 12  # 24 linear/conv inputs + 12 attention operands
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    # Random-weight model, random inputs: fidelity still high at 8 bits.
+    assert r["metrics"]["compressed"]["top1_agreement"] >= 0.9
+    assert r["size"]["ratio"] > 2.5
+    layers = {row["name"]: row for row in r["layers"]}
+    assert layers["blocks.0.attn.qkv"]["weight_bits"] == 8
+    assert layers["blocks.0.attn.matmul_qk"]["act_bits"] == 8
+    assert min(row["sqnr_db"] for row in r["layers"]) > 15
+    onnx.checker.check_model(str(result.model_path))
+
+
+def test_ignored_layers_stay_float(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "ignore": ["head", "re:blocks\\.0\\..*"], "attention_matmuls": False}])
+    r = _run(recipe, tmp_path / "out").report
+    names = {row["name"] for row in r["layers"]}
+    assert "head" not in names
+    assert not any(n.startswith("blocks.0.") for n in names)
+    assert "blocks.1.mlp.fc1" in names
+
+
+def test_weight_only_int8(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{"type": "quantize", "activations": None}])
+    r = _run(recipe, tmp_path / "out").report
+    assert "QuantizeLinear" not in r["export"]["op_histogram"]
+    assert r["export"]["op_histogram"]["DequantizeLinear"] >= 24
+
+
+def test_percentile_observer_runs(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "activations": {"observer": "percentile", "percentile": 99.9}}])
+    r = _run(recipe, tmp_path / "out").report
+    assert r["passes"][0]["summary"]["observer"] == "percentile"
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+
+
+def test_w8a8_tiny_bert_sentence_embeddings(tmp_path, tiny_bert_dir, sentences):
+    recipe = {"version": 1, "model": {"source": "hf", "path": str(tiny_bert_dir)},
+              "calibration": {"path": str(sentences["calib"]), "batch_size": 16},
+              "evaluation": {"path": str(sentences["eval"]), "batch_size": 16,
+                             "latency": {"enabled": False}},
+              "passes": [{"type": "quantize"}]}
+    r = _run(recipe, tmp_path / "out").report
+    assert r["metrics"]["compressed"]["cosine_mean"] > 0.98
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    assert any(row["name"].endswith("attention.self.matmul_qk") for row in r["layers"])
+
+
+def test_ort_quantize_pass_on_exported_graph(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{"type": "ort_quantize"}])
+    r = _run(recipe, tmp_path / "out").report
+    assert r["passes"][0]["summary"]["quantize_nodes"] > 0
+    assert r["passes"][0]["summary"]["excluded_nodes"] == 12  # q@k^T and probs@v, 6 blocks
+    assert r["metrics"]["compressed"]["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["dynamic"])
+def test_ort_quantize_dynamic_needs_no_calibration(tmp_path, tiny_vit_files, mode):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{"type": "ort_quantize", "mode": mode}])
+    del recipe["calibration"]
+    r = _run(recipe, tmp_path / "out").report
+    assert "DynamicQuantizeLinear" in r["export"]["op_histogram"] or \
+        "MatMulInteger" in r["export"]["op_histogram"]

@@ -1,0 +1,128 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from compress.quant.functional import sqnr_db
+from compress.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul
+
+
+def _export_and_run(module, args, path):
+    with torch.no_grad():
+        prog = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=21,
+                                 verbose=False)
+    prog.save(str(path))
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+    return sess.run(None, feed)[0], onnx.load(str(path))
+
+
+def _calibrated_linear(bits=8):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = QuantLinear(lin, bits, ActQuantizer(8))
+    q.input_quantizer.start_observing()
+    x = torch.randn(16, 64)
+    q(x)
+    q.input_quantizer.freeze()
+    q.quantize_weight()
+    return lin, q, x
+
+
+def test_quant_linear_is_close_to_float():
+    lin, q, x = _calibrated_linear()
+    assert sqnr_db(lin(x), q(x)) > 30
+
+
+def test_weight_codes_are_int8_in_narrow_range():
+    _, q, _ = _calibrated_linear(bits=4)
+    assert q.w_codes.dtype == torch.int8
+    assert q.w_codes.min() >= -7 and q.w_codes.max() <= 7
+    # per output channel: some row hits the range end
+    assert (q.w_codes.abs().amax(1) == 7).all()
+
+
+def test_quant_linear_exports_qdq_and_ort_matches_torch(tmp_path):
+    _, q, x = _calibrated_linear()
+    with torch.no_grad():
+        ref = q(x).numpy()
+    out, proto = _export_and_run(q, (x,), tmp_path / "lin.onnx")
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    # int8 codes are stored, not float weights
+    dtypes = {i.data_type for i in proto.graph.initializer if len(i.dims) == 2}
+    assert dtypes == {onnx.TensorProto.INT8}
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_simulated_4bit_activations_export_with_clip(tmp_path):
+    lin = nn.Linear(16, 8)
+    q = QuantLinear(lin, 8, ActQuantizer(4))
+    q.input_quantizer.start_observing()
+    x = torch.randn(4, 16)
+    q(x)
+    q.input_quantizer.freeze()
+    q.quantize_weight()
+    with torch.no_grad():
+        ref = q(x).numpy()
+    out, proto = _export_and_run(q, (x,), tmp_path / "lin4.onnx")
+    assert "Clip" in [n.op_type for n in proto.graph.node]
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_quant_conv_matches_ort(tmp_path):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 4, stride=4)
+    q = QuantConv2d(conv, 8, ActQuantizer(8))
+    x = torch.randn(2, 3, 16, 16)
+    q.input_quantizer.start_observing()
+    q(x)
+    q.input_quantizer.freeze()
+    q.quantize_weight()
+    with torch.no_grad():
+        ref = q(x).numpy()
+        assert sqnr_db(conv(x), q(x)) > 30
+    out, _ = _export_and_run(q, (x,), tmp_path / "conv.onnx")
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_quant_matmul_both_operands(tmp_path):
+    mm = QuantMatMul(ActQuantizer(8), ActQuantizer(8))
+    a, b = torch.randn(2, 4, 8), torch.randn(2, 8, 5)
+    for qz in (mm.a_quantizer, mm.b_quantizer):
+        qz.start_observing()
+    mm(a, b)
+    mm.a_quantizer.freeze()
+    mm.b_quantizer.freeze()
+    with torch.no_grad():
+        ref = mm(a, b).numpy()
+        assert sqnr_db(a @ b, mm(a, b)) > 30
+    out, _ = _export_and_run(mm, (a, b), tmp_path / "mm.onnx")
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_percentile_observer_clips_outliers():
+    q_min, q_pct = ActQuantizer(8, observer="minmax"), ActQuantizer(8, observer="percentile",
+                                                                    percentile=99.9)
+    x = torch.randn(10_000)
+    x[0] = 1000.0  # one outlier
+    for q in (q_min, q_pct):
+        q.start_observing()
+        q(x)
+        q.freeze()
+    assert q_pct.scale < q_min.scale / 50
+    body = x[1:]
+    assert sqnr_db(body, q_pct(body)) > sqnr_db(body, q_min(body)) + 20
+
+
+def test_freeze_without_data_raises():
+    q = ActQuantizer(8)
+    q.start_observing()
+    try:
+        q.freeze()
+    except RuntimeError as e:
+        assert "before any calibration data" in str(e)
+    else:
+        raise AssertionError("freeze() without data must fail")
