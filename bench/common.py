@@ -159,7 +159,7 @@ def table(bench: Bench) -> str:
     task = bench.handle.task
     bs = bench.batch_sizes
     if task == "image-classification":
-        head = "|variant|top-1|agreement|KL|MB|x smaller|" + "|".join(
+        head = "|variant|top-1|agreement|KL|logit rel. err|MB|x smaller|" + "|".join(
             f"b{b} ms (x fp32)" for b in bs) + "|"
     else:
         head = "|variant|cosine mean/min|top-10 overlap|MB|x smaller|" + "|".join(
@@ -174,7 +174,8 @@ def table(bench: Bench) -> str:
         if task == "image-classification":
             top1 = f"{m['top1'] * 100:.2f}" if "top1" in m else "-"
             lines.append(f"|{v.name}|{top1}|{m['top1_agreement'] * 100:.2f}%|{m['kl']:.2e}|"
-                         f"{size / 1e6:.2f}|{base_size / size:.2f}|{lat}|")
+                         f"{m['logits_rel_error']:.4f}|{size / 1e6:.2f}|{base_size / size:.2f}|"
+                         f"{lat}|")
         else:
             lines.append(f"|{v.name}|{m['cosine_mean']:.4f}/{m['cosine_min']:.4f}|"
                          f"{m['retrieval_top10_overlap']:.3f}|{size / 1e6:.2f}|"

@@ -117,7 +117,8 @@ def _print_summary(result) -> None:
         click.echo(f"top-1:  {m['original']['top1'] * 100:.2f}% -> {comp['top1'] * 100:.2f}% "
                    f"(agreement {comp['top1_agreement'] * 100:.2f}%)")
     elif "top1_agreement" in comp:
-        click.echo(f"top-1 agreement: {comp['top1_agreement'] * 100:.2f}%, KL {comp['kl']:.4g}")
+        click.echo(f"top-1 agreement: {comp['top1_agreement'] * 100:.2f}%, KL {comp['kl']:.4g}, "
+                   f"logits rel. error {comp['logits_rel_error']:.4f}")
     if "cosine_mean" in comp:
         k = next(k for k in comp if k.startswith("retrieval_top"))
         click.echo(f"cosine: {comp['cosine_mean']:.4f} (min {comp['cosine_min']:.4f}), "

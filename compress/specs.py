@@ -96,6 +96,8 @@ class GateSpec(StrictModel):
         None, ge=0, description="top-1 points (0-100) the compressed model may lose; needs labels")
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     max_kl: float | None = Field(None, ge=0)
+    max_logits_rel_error: float | None = Field(
+        None, ge=0, description="||compressed - original|| / ||original|| over all logits")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="mean embedding cosine")
     min_retrieval_overlap: float | None = Field(None, ge=0, le=1)
 

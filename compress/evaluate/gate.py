@@ -25,6 +25,7 @@ def gate_checks(gate: GateSpec, task: str, original: dict, compressed: dict, k: 
                        "value": round(drop, 4), "passed": drop <= gate.max_accuracy_drop + 1e-9})
     for field, metric, op in (("min_top1_agreement", "top1_agreement", "ge"),
                               ("max_kl", "kl", "le"),
+                              ("max_logits_rel_error", "logits_rel_error", "le"),
                               ("min_cosine", "cosine_mean", "ge"),
                               ("min_retrieval_overlap", f"retrieval_top{k}_overlap", "ge")):
         limit = getattr(gate, field)
@@ -37,5 +38,6 @@ def gate_checks(gate: GateSpec, task: str, original: dict, compressed: dict, k: 
 
 
 def describe_failure(check: dict) -> str:
-    cmp = "at most" if check["metric"] in ("accuracy_drop_points", "kl") else "at least"
+    cmp = "at most" if check["metric"] in ("accuracy_drop_points", "kl", "logits_rel_error") \
+        else "at least"
     return f"{check['metric']} is {check['value']}, the gate wants {cmp} {check['limit']}"

@@ -16,11 +16,17 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and mean KL(original || compressed) of the class distributions."""
+    """Top-1 agreement, mean KL(original || compressed) and relative L2 error of the logits.
+
+    The logit error matters for models whose top-1 is fragile (near-uniform logits, e.g.
+    random weights), where agreement alone says little.
+    """
     p, q = _softmax(ref.astype(np.float64)), _softmax(out.astype(np.float64))
     kl = (p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None)))).sum(-1)
+    diff = np.linalg.norm((out - ref).astype(np.float64))
     return {"top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).mean()),
-            "kl": float(kl.mean())}
+            "kl": float(kl.mean()),
+            "logits_rel_error": float(diff / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))}
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
