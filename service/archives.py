@@ -115,8 +115,9 @@ def _extract_zip(src: Path, dest: Path, budget: _Budget) -> None:
             rel = _safe_member_path(budget.field, info.filename)
             if rel is None:
                 continue
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+            # Unix file type in the high bits; 0 when the archiver recorded none (plain file).
+            file_type = stat.S_IFMT(info.external_attr >> 16)
+            if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise DataError(f"{budget.field}: archive member {info.filename!r} is a link or "
                                 "special file; only regular files and folders are allowed")
             target = _target(dest, rel)

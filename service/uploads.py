@@ -14,6 +14,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -84,6 +85,10 @@ class _FormReceiver:
         self._file: UploadedFile | None = None
         self._handle = None
         self._data = bytearray()
+        self.complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
 
     def on_part_begin(self) -> None:
         self._disposition, self._name, self._file, self._data = b"", "", None, bytearray()
@@ -143,6 +148,8 @@ class _FormReceiver:
 async def receive_form(request: Request, dest: Path, max_bytes: int) -> Form:
     """Parse a multipart/form-data body into ``dest`` (created), at most ``max_bytes`` long."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype == b"application/x-www-form-urlencoded":  # a job without files
+        return await _receive_urlencoded(request)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(415, "send the job as multipart/form-data (fields: recipe or "
                                "recipe_name, model, calib, eval, set)")
@@ -154,7 +161,7 @@ async def receive_form(request: Request, dest: Path, max_bytes: int) -> Form:
     receiver = _FormReceiver(dest)
     callbacks = {name: getattr(receiver, name) for name in (
         "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
-        "on_header_end", "on_headers_finished")}
+        "on_header_end", "on_headers_finished", "on_end")}
     parser = MultipartParser(params[b"boundary"], callbacks)
     received = 0
     try:
@@ -164,6 +171,8 @@ async def receive_form(request: Request, dest: Path, max_bytes: int) -> Form:
                 raise UploadError(413, f"upload is over the limit of {max_bytes / 1e6:.0f} MB")
             parser.write(chunk)
         parser.finalize()
+        if not receiver.complete:
+            raise UploadError(400, "the multipart body ended before its closing boundary")
     except UploadError:
         raise
     except Exception as e:  # noqa: BLE001 - python-multipart's errors: a malformed body
@@ -171,6 +180,18 @@ async def receive_form(request: Request, dest: Path, max_bytes: int) -> Form:
     finally:
         receiver.close()
     return receiver.form
+
+
+async def _receive_urlencoded(request: Request) -> Form:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_TEXT_FIELD_BYTES + MAX_RECIPE_BYTES:
+            raise UploadError(413, "form is too large; upload files as multipart/form-data")
+    form = Form()
+    for key, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+        form.fields.setdefault(key, []).append(value)
+    return form
 
 
 # ------------------------------------------------------------------------ input checks
