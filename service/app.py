@@ -43,7 +43,7 @@ from .schemas import (
     RecipeInfo,
 )
 from .settings import Settings
-from .store import ACTIVE, CANCELLED, FINISHED, RUNNING, STATES, Job, JobStore, job_times
+from .store import ACTIVE, FINISHED, RUNNING, STATES, Job, JobStore, job_times
 from .uploads import Form, UploadError, prepare_data, prepare_model, receive_form
 
 log = logging.getLogger("compress.service")
@@ -281,11 +281,11 @@ def create_app(settings: Settings | None = None,
     def cancel_job(job: JobDep, request: Request, response: Response):
         """Cancel a queued job, or stop a running one (its process is killed)."""
         store = store_of(request)
-        state = store.cancel(job.tenant, job.id)
+        state, changed = store.cancel(job.tenant, job.id)
         if state == RUNNING:
             request.app.state.runner.cancel(job.id)
             response.status_code = 202
-        elif state != CANCELLED:
+        elif not changed:
             raise ApiError(409, f"job {job.id} already finished ({state})", "Conflict")
         return job_view(store.get(job.tenant, job.id))
 

@@ -141,8 +141,11 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(query)), s.scalar(count) or 0
 
-    def cancel(self, tenant: str, job_id: str) -> str | None:
-        """Cancel a queued job at once, or flag a running one; returns the state after."""
+    def cancel(self, tenant: str, job_id: str) -> tuple[str | None, bool]:
+        """Cancel a queued job at once, or flag a running one.
+
+        Returns the state after and whether this call changed it (None: no such job).
+        """
         now = utcnow()
         with self.session.begin() as s:
             queued = s.execute(update(Job).where(
@@ -150,12 +153,14 @@ class JobStore:
                 state=CANCELLED, cancel_requested=True, message="cancelled before it started",
                 finished_at=now, updated_at=now))
             if queued.rowcount:
-                return CANCELLED
-            s.execute(update(Job).where(Job.id == job_id, Job.tenant == tenant,
-                                        Job.state == RUNNING).values(
+                return CANCELLED, True
+            running = s.execute(update(Job).where(Job.id == job_id, Job.tenant == tenant,
+                                                  Job.state == RUNNING).values(
                 cancel_requested=True, message="cancelling", updated_at=now))
             job = s.get(Job, job_id)
-            return job.state if job is not None and job.tenant == tenant else None
+            if job is None or job.tenant != tenant:
+                return None, False
+            return job.state, bool(running.rowcount)
 
     def delete(self, tenant: str, job_id: str) -> bool:
         with self.session.begin() as s:
