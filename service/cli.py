@@ -126,14 +126,14 @@ def _wait_and_report(client: Client, job_id: str, *, as_json: bool, progress: bo
     if as_json:
         click.echo(json.dumps(job))
     else:
-        _print_job(job)
+        _print_job(job, client.url)
         if job.get("downloaded"):
             click.echo(f"downloaded {len(job['downloaded'])} files to {download}"
                        f" (report: {Path(download) / 'report.html'})")
     return job_exit_code(job)
 
 
-def _print_job(job: dict) -> None:
+def _print_job(job: dict, base_url: str = "") -> None:
     click.echo(f"job {job['id']}  {job['name']}  {job['state']}"
                + (f"  {job['percent']:.0f}% {job['stage']}" if job["state"] == "running" else ""))
     if job.get("eta_seconds") is not None:
@@ -145,7 +145,7 @@ def _print_job(job: dict) -> None:
     if job.get("gate_passed") is not None:
         click.echo(f"  quality gate: {'passed' if job['gate_passed'] else 'FAILED'}")
     if job.get("links", {}).get("report_html"):
-        click.echo(f"  report: {job['links']['report_html']}")
+        click.echo(f"  report: {base_url}{job['links']['report_html']}")
 
 
 @click.command()
@@ -203,7 +203,7 @@ def status(client, job_id, as_json):
     job = client.get(job_id)
     click.echo(json.dumps(job) if as_json else "", nl=as_json)
     if not as_json:
-        _print_job(job)
+        _print_job(job, client.url)
 
 
 @click.command()

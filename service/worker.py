@@ -78,8 +78,9 @@ def run_job(spec: JobSpec, conn, parent_pid: int) -> None:
     """Child process entry point."""
     _redirect_output(spec.log_path)
     _exit_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("compress").setLevel(logging.INFO)  # ours, not the exporters' chatter
     log.info("job %s: process %d started", spec.job_id, os.getpid())
     try:
         recipe = recipe_from_yaml(spec.recipe_yaml, source="recipe.yaml")

@@ -143,3 +143,39 @@ def wait_for(client, job_id: str, states=("succeeded", "gate_failed", "failed", 
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
+
+
+@contextmanager
+def live_server(settings: Settings):
+    """The app behind a real uvicorn server on a free loopback port; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A live service on SQLite with two workers; yields (url, settings)."""
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}")
+    with live_server(settings) as url:
+        yield url, settings
