@@ -15,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -72,7 +72,7 @@ def job_view(job: Job) -> dict:
     times = job_times(job)
     eta = None
     if job.state == RUNNING and times["started_at"] and job.progress > 0.02:
-        elapsed = (datetime.now(timezone.utc) - times["started_at"]).total_seconds()
+        elapsed = (datetime.now(UTC) - times["started_at"]).total_seconds()
         eta = round(elapsed * (1 - job.progress) / job.progress, 1)
     url = f"/v1/jobs/{job.id}"
     links = {"self": url, "log": f"{url}/log", "cancel": f"{url}/cancel"}

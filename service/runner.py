@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .settings import Settings
@@ -44,14 +44,17 @@ class JobRunner(ABC):
     def stop(self) -> None:
         """Stop taking jobs; running ones go back to the queue."""
 
+    @abstractmethod
     def notify(self) -> None:
         """A job was queued (a hint: runners also look for work on their own)."""
 
+    @abstractmethod
     def cancel(self, job_id: str) -> None:
         """The job was flagged ``cancel_requested`` in the store: stop its work now."""
 
+    @abstractmethod
     def healthy(self) -> bool:
-        return True
+        """Whether this runner can take jobs (for /readyz)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -76,7 +79,7 @@ def publish_artifacts(tmp_out: Path, final: Path) -> list[dict]:
 
 
 def append_log(path: Path, line: str) -> None:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"{stamp} {line}\n")
 

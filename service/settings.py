@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import socket
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 # The bundled recipes sit beside the package in a source checkout (the README's setup).
 BUNDLED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"

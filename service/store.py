@@ -8,7 +8,7 @@ service instances sharing one PostgreSQL database, never claim or finish the sam
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -37,7 +37,7 @@ FINISHED = (SUCCEEDED, GATE_FAILED, FAILED, CANCELLED)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -76,7 +76,7 @@ class Job(Base):
 def _aware(t: datetime | None) -> datetime | None:
     # SQLite hands datetimes back without a zone; every stored time is UTC.
     if t is not None and t.tzinfo is None:
-        return t.replace(tzinfo=timezone.utc)
+        return t.replace(tzinfo=UTC)
     return t
 
 

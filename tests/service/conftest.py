@@ -36,7 +36,7 @@ def _onnx_mlp(path: Path, in_shape: tuple[int, ...], hidden: list[int], seed: in
     dims = [int(np.prod(in_shape)), *hidden, 10]
     nodes = [helper.make_node("Flatten", ["x"], ["h0"], axis=1)]
     inits = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"),
                   numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
