@@ -9,7 +9,6 @@ one by implementing the same five methods with ``publish_artifacts`` for the fin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -20,6 +19,8 @@ import time
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
 from pathlib import Path
+
+from compress.api import _sha256 as sha256_file  # the checksum the report's artifacts use
 
 from .settings import Settings
 from .store import CANCELLED, FAILED, GATE_FAILED, SUCCEEDED, Job, JobStore
@@ -55,14 +56,6 @@ class JobRunner(ABC):
     @abstractmethod
     def healthy(self) -> bool:
         """Whether this runner can take jobs (for /readyz)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def publish_artifacts(tmp_out: Path, final: Path) -> list[dict]:

@@ -4,11 +4,11 @@ zip, watch the job and open its report with plots."""
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from service.client import zip_folder
 from tests.service.conftest import live_server, make_settings
 
 CHROMIUM = os.environ.get("COMPRESS_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -30,13 +30,6 @@ def browser():
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-def zip_folder(folder: Path, dest: Path) -> Path:
-    with zipfile.ZipFile(dest, "w") as zf:
-        for f in sorted(folder.rglob("*.png")):
-            zf.write(f, Path(folder.name) / f.relative_to(folder))
-    return dest
 
 
 @pytest.mark.slow
