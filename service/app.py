@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None,
     async def lifespan(app: FastAPI):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.db_url)
-        requeued = store.requeue_interrupted(settings.instance)
+        requeued = store.requeue_interrupted(settings.instance, settings.stale_after_s)
         if requeued:
             log.warning("requeued %d job(s) interrupted by the last stop", len(requeued))
         runner = runner_factory(store, settings)

@@ -32,6 +32,7 @@ ARTIFACTS = "artifacts"
 LOG_FILE = "job.log"
 CHECKSUMS = "SHA256SUMS"
 PROGRESS_WRITE_INTERVAL_S = 0.5
+HEARTBEAT_S = 10.0  # a running job's updated_at moves at least this often (see stale_after_s)
 
 
 class JobRunner(ABC):
@@ -224,6 +225,9 @@ class LocalProcessRunner(JobRunner):
                 self.store.update_running(job.id, stage=stage, progress=round(fraction, 4),
                                           message=message[:500] or stage)
                 pending, last_write = None, now
+            elif now - last_write >= HEARTBEAT_S:
+                self.store.update_running(job.id)
+                last_write = now
             stop_reason = None
             if self._stopping.is_set():
                 stop_reason = "stopped"

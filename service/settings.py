@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     job_timeout_s: float | None = Field(None, gt=0, description="kill jobs running longer")
     cancel_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")
     poll_interval_s: float = Field(1.0, gt=0, description="idle workers look for jobs this often")
+    stale_after_s: float = Field(
+        300.0, gt=0, description="at start-up, requeue other instances' running jobs whose "
+                                 "heartbeat is older than this (their service died)")
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ service instances sharing one PostgreSQL database, never claim or finish the sam
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -49,7 +49,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(200), index=True)
-    name: Mapped[str] = mapped_column(String(200), default="")
+    name: Mapped[str] = mapped_column(String(200), default="")  # recipe name, cut to 200
     state: Mapped[str] = mapped_column(String(16), index=True)
     recipe_yaml: Mapped[str] = mapped_column(Text)
     # Paths of the uploaded inputs relative to the job folder: {"model": "inputs/model.onnx"}.
@@ -114,7 +114,7 @@ class JobStore:
 
     def create(self, tenant: str, *, name: str, recipe_yaml: str, inputs: dict[str, str],
                job_id: str | None = None) -> Job:
-        job = Job(id=job_id or uuid.uuid4().hex, tenant=tenant, name=name, state=QUEUED,
+        job = Job(id=job_id or uuid.uuid4().hex, tenant=tenant, name=name[:200], state=QUEUED,
                   recipe_yaml=recipe_yaml, inputs=inputs, stage="", progress=0.0,
                   message="queued", artifacts=[], attempts=0, cancel_requested=False,
                   created_at=utcnow(), updated_at=utcnow())
@@ -187,7 +187,8 @@ class JobStore:
         return None
 
     def update_running(self, job_id: str, **values: Any) -> bool:
-        """Progress, pid, message of a running job; False when it is no longer running."""
+        """Progress, pid, message of a running job (or only its heartbeat, ``updated_at``);
+        False when it is no longer running."""
         with self.session.begin() as s:
             res = s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
                 **values, updated_at=utcnow()))
@@ -211,19 +212,19 @@ class JobStore:
                 updated_at=utcnow()))
             return bool(res.rowcount)
 
-    def requeue_interrupted(self, instance: str) -> list[str]:
-        """Jobs this instance was running when it stopped go back to the queue (at start-up).
-
-        A job whose cancellation was asked for is cancelled instead of run again.
+    def requeue_interrupted(self, instance: str, stale_after_s: float) -> list[str]:
+        """Jobs left running by a stopped service go back to the queue (at start-up): this
+        instance's, and any other instance's whose runner has not reported (heartbeat) for
+        ``stale_after_s``. A job whose cancellation was asked for is cancelled instead.
         """
         now = utcnow()
+        orphaned = (Job.state == RUNNING) & (
+            (Job.instance == instance) | (Job.updated_at < now - timedelta(seconds=stale_after_s)))
         with self.session.begin() as s:
-            s.execute(update(Job).where(Job.state == RUNNING, Job.instance == instance,
-                                        Job.cancel_requested.is_(True)).values(
+            s.execute(update(Job).where(orphaned, Job.cancel_requested.is_(True)).values(
                 state=CANCELLED, finished_at=now, updated_at=now, pid=None,
                 message="cancelled (the service stopped while it ran)"))
-            ids = list(s.scalars(select(Job.id).where(Job.state == RUNNING,
-                                                      Job.instance == instance)))
+            ids = list(s.scalars(select(Job.id).where(orphaned)))
             if ids:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(
                     state=QUEUED, stage="", progress=0.0, pid=None, instance=None,

@@ -6,8 +6,11 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 
-from service.store import JobStore
+from sqlalchemy import update
+
+from service.store import Job, JobStore, utcnow
 from tests.service.conftest import (
     AUTH_A,
     SLOW_LATENCY,
@@ -141,13 +144,17 @@ def test_restart_requeues_interrupted_and_runs_queued_jobs(tmp_path, db_url, onn
         interrupted = submit_and_claim(settings.instance)
         cancelled = submit_and_claim(settings.instance)
         store.cancel("tenant-a", cancelled)  # cancel asked while it ran, then the service died
-        other = submit_and_claim("another-instance")  # runs on another service instance
-        ids = [interrupted] + [submit(c, onnx_job_files, onnx_recipe()) for _ in range(2)]
+        other = submit_and_claim("another-instance")  # runs on another, live instance
+        dead = submit_and_claim("dead-instance")  # its instance died: no heartbeat for long
+        with store.session.begin() as s:
+            s.execute(update(Job).where(Job.id == dead).values(
+                updated_at=utcnow() - timedelta(seconds=settings.stale_after_s + 1)))
+        ids = [interrupted, dead] + [submit(c, onnx_job_files, onnx_recipe()) for _ in range(2)]
     restarted = make_settings(tmp_path, db_url, workers=2)
     with running_service(restarted) as c:
         jobs = [wait_for(c, i) for i in ids]
-        assert [j["state"] for j in jobs] == ["succeeded"] * 3
-        assert [j["attempts"] for j in jobs] == [2, 1, 1]
+        assert [j["state"] for j in jobs] == ["succeeded"] * 4
+        assert [j["attempts"] for j in jobs] == [2, 2, 1, 1]
         assert "attempt 2 started" in c.get(f"/v1/jobs/{ids[0]}/log", headers=AUTH_A).text
         assert c.get(f"/v1/jobs/{cancelled}", headers=AUTH_A).json()["state"] == "cancelled"
         assert c.get(f"/v1/jobs/{other}", headers=AUTH_A).json()["state"] == "running"
