@@ -99,8 +99,16 @@ def test_cancel_queued_and_running_jobs(tmp_path, db_url, onnx_job_files):
         r = c.delete(f"/v1/jobs/{slow}", headers=AUTH_A)
         assert r.status_code == 409 and "cancel it first" in r.json()["error"]["message"]
 
+        followed = []  # a log stream opened while the job runs ends when the job does
+        follower = threading.Thread(target=lambda: followed.append(c.get(
+            f"/v1/jobs/{slow}/log", headers=AUTH_A, params={"follow": True}).text))
+        follower.start()
+        time.sleep(0.5)
+        assert not followed
         r = c.post(f"/v1/jobs/{slow}/cancel", headers=AUTH_A)
         assert r.status_code == 202 and r.json()["cancel_requested"]
+        follower.join(timeout=20)
+        assert "latency" in followed[0] and "cancelled: worker process killed" in followed[0]
         job = wait_for(c, slow, timeout=20)
         assert job["state"] == "cancelled" and job["exit_code"] == 1
         assert process_gone(pid), "the job's process still runs after cancel"
@@ -173,3 +181,15 @@ def test_stop_requeues_running_job(tmp_path, db_url, onnx_job_files):
         assert not list(settings.job_dir("tenant-a", slow).glob(".tmp-*"))
     finally:
         store.close()
+
+
+def test_job_timeout_kills_and_fails_the_job(tmp_path, onnx_job_files):
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", workers=1,
+                             job_timeout_s=2.0)
+    with running_service(settings) as c:
+        slow = submit(c, onnx_job_files, onnx_recipe(latency=SLOW_LATENCY), model="slow")
+        pid = running_pid(c, slow)
+        job = wait_for(c, slow, timeout=30)
+        assert job["state"] == "failed" and job["error"]["type"] == "TimeoutError"
+        assert "job_timeout_s=2" in job["error"]["message"]
+        assert process_gone(pid)
