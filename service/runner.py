@@ -119,7 +119,12 @@ class LocalProcessRunner(JobRunner):
 
     def start(self) -> None:
         if self.settings.workers:
+            from multiprocessing import forkserver
+
             _mp_context()
+            # Warm the fork server now rather than in the first job (imports take ~10 s).
+            threading.Thread(target=forkserver.ensure_running, daemon=True,
+                             name="forkserver-start").start()
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._loop, name=f"compress-worker-{i}", daemon=True)
             t.start()

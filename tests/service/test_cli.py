@@ -2,6 +2,7 @@
 download (checksummed), cancel, delete; and `compress serve`'s configuration."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -123,3 +124,28 @@ def test_serve_builds_the_app_from_flags(tmp_path, monkeypatch):
     assert "jobs.db" in settings.db_url
     code, out = run("", "serve", "--data-dir", tmp_path / "d", "--token", "abc:team")
     assert seen["app"].state.settings.all_tokens() == {"abc": "team"}
+
+
+def test_library_and_cli_work_without_the_service_extra():
+    """With FastAPI missing, `compress` imports, `run` is there, service commands explain."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+for name in ("fastapi", "sqlalchemy", "uvicorn", "httpx", "pydantic_settings"):
+    sys.modules[name] = None  # import fails as if not installed
+import compress, compress.api
+from click.testing import CliRunner
+from compress.cli import main
+assert not [m for m in sys.modules if m.startswith("service")]
+res = CliRunner().invoke(main, ["--help"])
+assert res.exit_code == 0 and "submit" in res.output, res.output
+res = CliRunner().invoke(main, ["submit", "x.yaml", "--wait"])
+print(res.exit_code, res.output)
+"""
+    repo = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=repo, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("2 ") and "pip install 'compress[service]'" in out.stdout
