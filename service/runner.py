@@ -212,7 +212,7 @@ class LocalProcessRunner(JobRunner):
         last_write, last_check = 0.0, [time.monotonic()]
         pending = None
         started = time.monotonic()
-        outcome, payload = "crashed", None
+        outcome, payload = "no_result", None
         while True:
             try:
                 if recv.poll(0.2):
@@ -222,7 +222,9 @@ class LocalProcessRunner(JobRunner):
                     else:
                         outcome, payload = msg[0], msg[1]
             except (EOFError, OSError):  # the child closed its end (finished or died)
-                proc.join()
+                proc.join(30)
+                if proc.is_alive():  # stuck in interpreter shutdown: its result is in already
+                    self._kill(proc)
                 break
             now = time.monotonic()
             if pending and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
@@ -234,7 +236,9 @@ class LocalProcessRunner(JobRunner):
                 self.store.update_running(job.id)
                 last_write = now
             stop_reason = None
-            if self._stopping.is_set():
+            if outcome != "no_result":
+                pass  # the final message is in: let the child finish rather than kill it
+            elif self._stopping.is_set():
                 stop_reason = "stopped"
             elif self._cancel_wanted(job.id, last_check):
                 stop_reason = "cancelled"
