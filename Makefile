@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lock clean
+.PHONY: setup demo demo-stop test test-fast test-services bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,27 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the bundled default: W8A8 on the digits ViT (trained and cached on first use).
+# The main job on the bundled default: start the service (SQLite, files in out/service), submit
+# W8A8 of the digits ViT (trained and cached on first use) through the CLI, print the dashboard
+# URL and the report. The service stays up for the dashboard: `make demo-stop` ends it.
 demo: setup
-	$(BIN)/compress run recipes/digits_vit_w8a8.yaml --out out/demo
+	$(BIN)/python scripts/demo_service.py
 
-test: setup
+demo-stop: setup
+	$(BIN)/python scripts/demo_service.py --stop
+
+# What the service tests need besides Python packages: Debian's Chromium for the dashboard test
+# (never a browser download) and the local PostgreSQL server, started if it is down.
+test-services:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@if command -v pg_ctlcluster >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1; then \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; fi
+
+test: setup test-services
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup test-services
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup

@@ -59,7 +59,35 @@ class _Bar:
             self.bar.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands of the service (service/cli.py), imported only when one of them is used, so that the
+# library and `compress run` work without the [service] extra.
+SERVICE_COMMANDS = ("serve", "submit", "status", "logs", "wait", "download", "list", "cancel",
+                    "delete")
+
+
+class _Main(click.Group):
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *SERVICE_COMMANDS})
+
+    def get_command(self, ctx, name):
+        if name not in SERVICE_COMMANDS:
+            return super().get_command(ctx, name)
+        try:
+            from service.cli import COMMANDS
+        except ImportError as e:
+            @click.command(name, context_settings={"ignore_unknown_options": True})
+            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+            def missing(args, _e=e):
+                """(needs the service extra: pip install 'compress[service]')"""
+                click.echo(f"error: `compress {name}` needs the service extra ({_e}); install "
+                           "it with: pip install 'compress[service]'", err=True)
+                sys.exit(EXIT_BAD_INPUT)
+
+            return missing
+        return COMMANDS[name]
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="compress")
 def main() -> None:
     """Compress trained models for ONNX Runtime: quantization, binarization, token pruning."""

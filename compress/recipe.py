@@ -137,7 +137,9 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # missing, or an empty section (`calibration: null`)
+                    node[part] = {}
+                node = node[part]
         else:
             raise RecipeError(f"--set {key}: {'.'.join(parts[:j])} is a value, not a section")
 

@@ -124,6 +124,15 @@ def test_set_override_edits_nested_list_entry():
     assert r.passes[0].activations.observer == "percentile"
 
 
+def test_value_fills_an_empty_section():
+    """A recipe written by recipe_to_yaml has `calibration: null`; --calib must still apply."""
+    data = yaml.safe_load(recipe_to_yaml(parse_recipe({**BASE, "passes": [],
+                                                       "calibration": None})))
+    assert data["calibration"] is None
+    r = parse_recipe(data, values={"calibration.path": "c.npz"})
+    assert r.calibration.path == "c.npz"
+
+
 def test_set_override_out_of_range_index():
     with pytest.raises(RecipeError, match="not an index"):
         parse_recipe(dict(BASE), overrides=["passes.3.weights.bits=8"])

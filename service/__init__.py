@@ -1,0 +1,17 @@
+"""The compress service: REST API, job store, workers, CLI client and web dashboard.
+
+It imports the ``compress`` library and calls ``compress.api.compress()`` in a child process per
+job; the library never imports this package, so ``compress`` stays usable without FastAPI.
+
+    settings.py   configuration from flags and ``COMPRESS_SERVICE_*`` environment variables
+    store.py      jobs in SQLite or PostgreSQL through SQLAlchemy
+    runner.py     the runner interface and the local runner (child process per job)
+    worker.py     what runs inside the child process: one ``compress()`` call
+    uploads.py    streaming multipart uploads under size limits; safe checkpoint formats
+    archives.py   safe archive extraction (no traversal, no links, bounded expansion)
+    recipes.py    bundled recipes and the checks an uploaded recipe must pass
+    app.py        the FastAPI application (``create_app``) and its routes
+    client.py     the HTTP client used by the CLI
+    cli.py        ``compress serve|submit|status|logs|wait|download|list|cancel|delete``
+    static/       the dashboard (plain HTML, CSS and JavaScript; no build step)
+"""

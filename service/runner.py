@@ -1,0 +1,294 @@
+"""Runners execute queued jobs. ``JobRunner`` is the interface; ``LocalProcessRunner`` runs
+each job in a child process of this machine.
+
+A runner claims jobs from the store, runs them, reports progress to the store and ends each job
+in one of the finished states. The service only calls ``start``, ``notify``, ``cancel``,
+``stop`` and ``healthy``, so a distributed backend (Ray, a cluster queue) can replace the local
+one by implementing the same five methods with ``publish_artifacts`` for the final step.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime
+from pathlib import Path
+
+from compress.api import _sha256 as sha256_file  # the checksum the report's artifacts use
+
+from .settings import Settings
+from .store import CANCELLED, FAILED, GATE_FAILED, SUCCEEDED, Job, JobStore
+from .worker import JobSpec, run_job
+
+log = logging.getLogger("compress.service")
+
+ARTIFACTS = "artifacts"
+LOG_FILE = "job.log"
+CHECKSUMS = "SHA256SUMS"
+PROGRESS_WRITE_INTERVAL_S = 0.5
+HEARTBEAT_S = 10.0  # a running job's updated_at moves at least this often (see stale_after_s)
+
+
+class JobRunner(ABC):
+    """Where jobs run. Implementations must survive a job that crashes."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Begin taking queued jobs (called once, after interrupted jobs were requeued)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop taking jobs; running ones go back to the queue."""
+
+    @abstractmethod
+    def notify(self) -> None:
+        """A job was queued (a hint: runners also look for work on their own)."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """The job was flagged ``cancel_requested`` in the store: stop its work now."""
+
+    @abstractmethod
+    def healthy(self) -> bool:
+        """Whether this runner can take jobs (for /readyz)."""
+
+
+def publish_artifacts(tmp_out: Path, final: Path) -> list[dict]:
+    """Checksum every file of a finished run and move the folder into place in one rename."""
+    artifacts = []
+    for f in sorted(p for p in tmp_out.rglob("*") if p.is_file()):
+        artifacts.append({"name": f.relative_to(tmp_out).as_posix(), "bytes": f.stat().st_size,
+                          "sha256": sha256_file(f)})
+    (tmp_out / CHECKSUMS).write_text("".join(f"{a['sha256']}  {a['name']}\n" for a in artifacts))
+    if final.exists():  # a previous attempt's, from before a restart
+        shutil.rmtree(final)
+    os.replace(tmp_out, final)
+    return artifacts
+
+
+def append_log(path: Path, line: str) -> None:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{stamp} {line}\n")
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        sig = signal.Signals(-exitcode).name
+        hint = " (out of memory, or killed by an operator)" if sig == "SIGKILL" else ""
+        return f"the job's worker process was killed by {sig}{hint}"
+    return f"the job's worker process exited with code {exitcode} without a result"
+
+
+_MP = None
+
+
+# Imported once by the fork server, so that jobs do not pay for them (about 5 s per job on two
+# cores); a module that fails to import is skipped there and imported by the job when needed.
+FORKSERVER_PRELOAD = ["service.worker", "compress.models.loaders", "timm", "onnxruntime",
+                      "torch.onnx", "onnxscript"]
+
+
+def _mp_context():
+    """Fork server with the library preloaded: each job forks a warm, single-threaded process
+    (no torch import per job, and no fork of the multi-threaded API process)."""
+    global _MP
+    if _MP is None:
+        _MP = mp.get_context("forkserver")
+        _MP.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return _MP
+
+
+class LocalProcessRunner(JobRunner):
+    """``settings.workers`` threads, each running one job at a time in a child process."""
+
+    def __init__(self, store: JobStore, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._cancel: set[str] = set()
+
+    def start(self) -> None:
+        if self.settings.workers:
+            from multiprocessing import forkserver
+
+            _mp_context()
+            # Warm the fork server now rather than in the first job (imports take ~10 s).
+            threading.Thread(target=forkserver.ensure_running, daemon=True,
+                             name="forkserver-start").start()
+        for i in range(self.settings.workers):
+            t = threading.Thread(target=self._loop, name=f"compress-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.notify()
+        for t in self._threads:
+            t.join(timeout=self.settings.cancel_grace_s + 10)
+
+    def notify(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def cancel(self, job_id: str) -> None:
+        with self._cond:
+            self._cancel.add(job_id)
+
+    def healthy(self) -> bool:
+        return all(t.is_alive() for t in self._threads) and not self._stopping.is_set()
+
+    # ---------------------------------------------------------------- internals
+
+    def _loop(self) -> None:
+        seen = -1
+        while not self._stopping.is_set():
+            with self._cond:
+                seen = self._generation
+            try:
+                job = self.store.claim_next(self.settings.instance)
+            except Exception:  # noqa: BLE001 - a database hiccup must not kill the worker
+                log.exception("claiming a job failed")
+                job = None
+            if job is not None:
+                try:
+                    self._run(job)
+                except Exception:  # noqa: BLE001
+                    log.exception("job %s: runner error", job.id)
+                    self.store.finish(job.id, FAILED, exit_code=1, message="internal error",
+                                      error={"type": "InternalError",
+                                             "message": "the runner failed; see the log"})
+                continue
+            with self._cond:
+                if self._generation == seen and not self._stopping.is_set():
+                    self._cond.wait(self.settings.poll_interval_s)
+
+    def _cancel_wanted(self, job_id: str, last_check: list[float]) -> bool:
+        with self._cond:
+            if job_id in self._cancel:
+                return True
+        now = time.monotonic()
+        if now - last_check[0] > 1.0:  # another API instance may have flagged it
+            last_check[0] = now
+            return self.store.cancel_requested(job_id)
+        return False
+
+    def _run(self, job: Job) -> None:
+        job_dir = self.settings.job_dir(job.tenant, job.id)
+        log_path = job_dir / LOG_FILE
+        tmp_out = job_dir / f".tmp-{job.attempts}"
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        tmp_out.mkdir(parents=True)
+        inputs = {k: str(job_dir / v) for k, v in (job.inputs or {}).items()}
+        spec = JobSpec(job_id=job.id, recipe_yaml=job.recipe_yaml, out_dir=str(tmp_out),
+                       log_path=str(log_path), model=inputs.get("model"),
+                       calib=inputs.get("calib"), eval=inputs.get("eval"))
+        append_log(log_path, f"attempt {job.attempts} started on {self.settings.instance}")
+        ctx = _mp_context()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=run_job, args=(spec, send, os.getpid()),
+                           name=f"compress-job-{job.id[:8]}")
+        proc.start()
+        send.close()
+        self.store.update_running(job.id, pid=proc.pid, message="running")
+        outcome, reason = self._supervise(job, proc, recv)
+        recv.close()
+        with self._cond:
+            self._cancel.discard(job.id)
+        self._conclude(job, outcome, reason, tmp_out, job_dir, log_path, proc.exitcode)
+
+    def _supervise(self, job: Job, proc, recv) -> tuple[str, dict | None]:
+        """Relay progress until the child ends; kill it on cancel, stop or timeout."""
+        last_write, last_check = 0.0, [time.monotonic()]
+        pending = None
+        started = time.monotonic()
+        outcome, payload = "no_result", None
+        while True:
+            try:
+                if recv.poll(0.2):
+                    msg = recv.recv()
+                    if msg[0] == "progress":
+                        pending = msg
+                    else:
+                        outcome, payload = msg[0], msg[1]
+            except (EOFError, OSError):  # the child closed its end (finished or died)
+                proc.join(30)
+                if proc.is_alive():  # stuck in interpreter shutdown: its result is in already
+                    self._kill(proc)
+                break
+            now = time.monotonic()
+            if pending and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
+                _, stage, fraction, message = pending
+                self.store.update_running(job.id, stage=stage, progress=round(fraction, 4),
+                                          message=message[:500] or stage)
+                pending, last_write = None, now
+            elif now - last_write >= HEARTBEAT_S:
+                self.store.update_running(job.id)
+                last_write = now
+            stop_reason = None
+            if outcome != "no_result":
+                pass  # the final message is in: let the child finish rather than kill it
+            elif self._stopping.is_set():
+                stop_reason = "stopped"
+            elif self._cancel_wanted(job.id, last_check):
+                stop_reason = "cancelled"
+            elif self.settings.job_timeout_s and now - started > self.settings.job_timeout_s:
+                stop_reason = "timeout"
+            if stop_reason:
+                self._kill(proc)
+                return stop_reason, None
+            if not proc.is_alive() and not recv.poll(0):
+                proc.join()
+                break
+        return outcome, payload
+
+    def _kill(self, proc) -> None:
+        proc.terminate()
+        proc.join(self.settings.cancel_grace_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+    def _conclude(self, job: Job, outcome: str, payload: dict | None, tmp_out: Path,
+                  job_dir: Path, log_path: Path, exitcode: int | None) -> None:
+        if outcome == "result":
+            artifacts = publish_artifacts(tmp_out, job_dir / ARTIFACTS)
+            state = SUCCEEDED if payload["gate_passed"] else GATE_FAILED
+            message = "done" if payload["gate_passed"] else "quality gate failed: " + "; ".join(
+                payload["gate_failures"])
+            self.store.finish(job.id, state, exit_code=payload["exit_code"],
+                              gate_passed=payload["gate_passed"], artifacts=artifacts,
+                              progress=1.0, stage="done", message=message[:1000])
+            append_log(log_path, f"finished: {state}; {len(artifacts)} artifacts checksummed")
+            return
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        if outcome == "stopped":
+            self.store.requeue(job.id, "requeued: the service stopped while it ran")
+            append_log(log_path, "service stopping: job killed and requeued")
+        elif outcome == "cancelled":
+            self.store.finish(job.id, CANCELLED, message="cancelled while running", exit_code=1)
+            append_log(log_path, "cancelled: worker process killed")
+        elif outcome == "timeout":
+            msg = f"the job ran longer than job_timeout_s={self.settings.job_timeout_s:g}"
+            self.store.finish(job.id, FAILED, exit_code=1, message=msg,
+                              error={"type": "TimeoutError", "message": msg})
+            append_log(log_path, f"failed: {msg}")
+        elif outcome == "error":
+            self.store.finish(job.id, FAILED, exit_code=payload.get("exit_code", 1),
+                              error=payload, message=payload.get("message", "")[:1000])
+            append_log(log_path, f"failed: {payload.get('type')}")
+        else:
+            msg = _describe_exit(exitcode)
+            self.store.finish(job.id, FAILED, exit_code=1, message=msg,
+                              error={"type": "WorkerCrashed", "message": msg})
+            append_log(log_path, f"failed: {msg}")
