@@ -25,7 +25,7 @@ class GroupQuantized:
 
     codes: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor  # uint8 integer zero points
+    zero: torch.Tensor  # uint8 integer zero points (float for HQQ)
     bits: int
     block: int
 
@@ -65,7 +65,10 @@ def quantize_groups(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     n, k = w.shape
     s = scale.float().repeat_interleave(block, 1)
     z = zero.float().repeat_interleave(block, 1)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1).to(torch.uint8)
+    # Integer zero points: round then shift (exact integer grid); float ones (HQQ): shift first.
+    q = torch.round(w.float() / s) + z if not zero.is_floating_point() else \
+        torch.round(w.float() / s + z)
+    return torch.clamp(q, 0, 2 ** bits - 1).to(torch.uint8)
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -182,10 +185,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int, block: int, symmetric: boo
 def hqq(w: torch.Tensor, bits: int, block: int, iters: int = 20, p: float = 0.7,
         beta: float = 10.0, kappa: float = 1.01) -> GroupQuantized:
     """HQQ (data-free): half-quadratic optimization of each group's zero point against a
-    sparsity-promoting l_p error, then rounded to an integer zero point for ONNX Runtime.
-
-    The zero point is optimized in float as in HQQ and rounded at the end, because
-    MatMulNBits' fast 2-bit path and GatherBlockQuantized take integer zero points only.
+    sparsity-promoting l_p error. The zero point stays float (rounding it undoes most of the
+    gain); MatMulNBits takes float zero points (slow at 2 bits in ORT 1.32, issue #28552).
     """
     n, k = w.shape
     check_shape(k, block)
@@ -206,7 +207,7 @@ def hqq(w: torch.Tensor, bits: int, block: int, iters: int = 20, p: float = 0.7,
             break
         best_err, best_z = err, z.clone()
     scale = (1 / inv).squeeze(-1)
-    zero = torch.clamp(torch.round(best_z.squeeze(-1)), 0, qmax).to(torch.uint8)
+    zero = best_z.squeeze(-1).float()
     return GroupQuantized(quantize_groups(w, scale, zero, bits, block), scale, zero, bits, block)
 
 
@@ -247,6 +248,8 @@ def matmulnbits_tensors(gq: GroupQuantized, bits: int | None = None
     n, k = gq.codes.shape
     kb = k // gq.block
     b = pack_uint(gq.codes.reshape(n, kb, gq.block), bits)
+    if gq.zero.is_floating_point():
+        return b, gq.scale.reshape(-1).float().contiguous(), gq.zero.reshape(-1).float()
     per = 8 // bits
     zpad = (-kb) % per
     z = torch.nn.functional.pad(gq.zero, (0, zpad)) if zpad else gq.zero
