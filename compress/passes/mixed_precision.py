@@ -245,10 +245,6 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
             for h in hooks:
                 h.remove()
     ctx.progress(0.05, "activation ranges observed")
-    linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear) and n not in floats}
-    hessians = collect_hessians(model, linears, ctx, config.calibration_samples) \
-        if config.method == "gptq" else {}
-    ctx.progress(0.15, "Hessians collected")
 
     gq_cache: dict[tuple[str, int], object] = {}
 
@@ -280,6 +276,27 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
             n, cfgs, {c: params * c[0] for c in cfgs},
             {c: elements * (c[1] or 0) for c in cfgs},
             {c: _layer_size(m, c, config.block_size) for c in cfgs}))
+
+    # Fixed contributions to the averages and the size.
+    w_fixed = [0.0, 0.0]
+    a_fixed = [0.0, 0.0]
+    fixed_bytes = 0.0
+    for n, (m, (w, a)) in pinned.items():
+        w_fixed[0] += m.weight.numel() * w
+        w_fixed[1] += m.weight.numel()
+        if a is not None and n in ranges:
+            a_fixed[0] += ranges[n].elements * a
+            a_fixed[1] += ranges[n].elements
+        fixed_bytes += _layer_size(m, (w, a), config.block_size)
+    total_param_bytes = sum(p.numel() * 4.0 for p in _float_params(module, layers))
+    fixed_bytes += total_param_bytes + sum(4.0 * m.weight.numel() for m in floats.values())
+    b = config.budget
+    _check_feasible(config, choices, pinned, ranges, w_fixed, a_fixed, fixed_bytes, prefix)
+
+    linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear) and n not in floats}
+    hessians = collect_hessians(model, linears, ctx, config.calibration_samples) \
+        if config.method == "gptq" else {}
+    ctx.progress(0.15, "Hessians collected")
 
     # The starting model: searched layers at their top config, pinned layers at theirs.
     top = {c.name: c.configs[0] for c in choices}
@@ -318,22 +335,6 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         sw[tw], sa[ta] = 0.0, 0.0
         # Additive model across the two axes (measured separately, as in Greedy MP).
         c.sensitivity = {cfg: sw[cfg[0]] + sa[cfg[1]] for cfg in c.configs}
-
-    # Fixed contributions to the averages and the size.
-    w_fixed = [0.0, 0.0]
-    a_fixed = [0.0, 0.0]
-    fixed_bytes = 0.0
-    for n, (m, (w, a)) in pinned.items():
-        w_fixed[0] += m.weight.numel() * w
-        w_fixed[1] += m.weight.numel()
-        if a is not None and n in ranges:
-            a_fixed[0] += ranges[n].elements * a
-            a_fixed[1] += ranges[n].elements
-        fixed_bytes += _layer_size(m, (w, a), config.block_size)
-    total_param_bytes = sum(p.numel() * 4.0 for p in _float_params(module, layers))
-    fixed_bytes += total_param_bytes + sum(4.0 * m.weight.numel() for m in floats.values())
-    b = config.budget
-    _check_feasible(config, choices, pinned, ranges, w_fixed, a_fixed, fixed_bytes, prefix)
 
     saving = "bytes" if b.size_mb is not None and b.avg_weight_bits is None else "bits"
     wpath = greedy_path(choices, base_error, top, phase="weight", w_fixed=tuple(w_fixed),
