@@ -43,8 +43,7 @@ def test_mixed_precision_meets_weight_budget_and_runs_in_ort(tmp_path, tiny_vit_
 
 def test_max_error_budget_is_respected(tmp_path, tiny_vit_files):
     recipe = _recipe(tiny_vit_files, budget={"max_error": 2e-4}, act_bits=[])
-    r = compress(parse_recipe(recipe), out_dir=tmp_path / "out").report
-    s = r["passes"][0]["summary"]
+    s = _run_pass_only(recipe, tmp_path).report.summary
     assert s["final_error"] <= 2e-4
     assert s["avg_weight_bits"] < 8   # something was lowered
 
@@ -60,7 +59,24 @@ def test_max_error_budget_is_respected(tmp_path, tiny_vit_files):
 ])
 def test_impossible_budgets_and_bad_pins_are_recipe_errors(tmp_path, tiny_vit_files, mp, match):
     with pytest.raises(RecipeError, match=match):
-        compress(parse_recipe(_recipe(tiny_vit_files, **mp)), out_dir=tmp_path / "out")
+        _run_pass_only(_recipe(tiny_vit_files, **mp), tmp_path)
+
+
+def _run_pass_only(recipe, tmp_path):
+    """Load model and data, run the pass alone (no baseline or export): fast error checks."""
+    from compress.api import Pipeline
+    from compress.context import PassContext, PassReport
+    from compress.passes.mixed_precision import mixed_precision
+
+    r = parse_recipe(recipe)
+    p = Pipeline(r, model=None, calib=None, eval=None, out_dir=tmp_path, progress=None,
+                 device="cpu")
+    p.load()
+    p.load_data()
+    ctx = PassContext(index=0, calib=p.calib, device=p.device, workdir=tmp_path,
+                      out_dir=tmp_path, report=PassReport(0, "mixed_precision"), batch_size=16)
+    mixed_precision(p.handle, r.passes[0], ctx)
+    return ctx
 
 
 @pytest.mark.parametrize("mp,field", [
