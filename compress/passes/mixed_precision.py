@@ -391,14 +391,14 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         q = module.get_submodule(n)
         w, a = cfg
         simulated = w not in (2, 4, 8) or (a is not None and a != 8)
+        ctx.report.add_layer(n, sqnr_db=_weight_sqnr(m, q, hessians.get(n)))
         ctx.report.add_layer(
             n, kind=type(m).__name__, params=m.weight.numel(), weight_bits=w, act_bits=a,
             simulated=simulated, pinned=n in pinned, onnx=type(q).__name__,
             sensitivity=round(sens[n][cfg], 6) if n in sens else None,
-            sensitivity_per_bit=(round(sens[n][(min(config.weight_bits), cfg[1])] /
-                                       max(cfg[0] - min(config.weight_bits), 1), 6)
-                                 if n in sens and (min(config.weight_bits), cfg[1]) in sens[n]
-                                 else None))
+            # Error rise with only this layer lowered to each width (activations at the top).
+            sensitivity_by_bits={f"W{c[0]}A{c[1] if c[1] is not None else 'f'}": round(v, 6)
+                                 for c, v in sens[n].items()} if n in sens else None)
     summary = dict(
         metric=metric, base_error=round(base_error, 6), final_error=round(final_error, 6),
         predicted_error=round(wpath[k].predicted_error, 6), steps=k + max(len(apath) - 1, 0),
@@ -419,6 +419,21 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
          "measured_error": round(measured[i], 6) if i in measured else None}
         for i, s in enumerate(wpath) if i in measured or i % max(len(wpath) // 40, 1) == 0]
     _plot(ctx, wpath, measured, k, metric)
+
+
+def _weight_sqnr(float_layer: nn.Module, q: nn.Module, h: torch.Tensor | None) -> float:
+    """Weight-error SQNR in dB, weighted by the input Hessian when there is one (output SQNR
+    of the layer on the calibration inputs, activation rounding aside)."""
+    import math
+
+    w = float_layer.weight.detach().float().cpu()
+    e = w - q.dequantized_weight().detach().float().cpu()
+    if h is not None:
+        hf = h.float()
+        sig, noise = float((w @ hf * w).sum()), float((e @ hf * e).sum())
+    else:
+        sig, noise = float(w.pow(2).sum()), float(e.pow(2).sum())
+    return round(10 * math.log10(max(sig, 1e-30) / max(noise, 1e-30)), 2)
 
 
 def _float_params(module: nn.Module, layers: dict[str, nn.Module]):
