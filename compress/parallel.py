@@ -9,7 +9,7 @@ Configuration (no recipe change needed, so the same recipe runs on a laptop and 
 
   COMPRESS_RAY_ADDRESS     a Ray cluster address (``ray-head:6379``, ``auto`` for the cluster
                            this machine joined with ``ray start``); unset: serial. A process
-                           already connected to Ray (``ray.init`` done) also fans out there.
+                           already connected (``ray.init`` done) submits to its own cluster.
   COMPRESS_RAY_TASK_CPUS   CPUs each task reserves (default 1; Ray then runs torch with that many
                            threads), so a 2-CPU node runs two tasks at a time.
 
@@ -38,19 +38,9 @@ def ray_address() -> str | None:
     return os.environ.get(ENV_ADDRESS) or None
 
 
-def _ray_ready() -> bool:
-    if ray_address():
-        return True
-    try:  # connected already (a Ray task, or a caller that ran ray.init): use it
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
-
-
 def backend() -> str:
     """``"ray"`` when ``map_tasks`` would fan out over a cluster, else ``"serial"``."""
-    return "ray" if _ray_ready() else "serial"
+    return "ray" if ray_address() else "serial"
 
 
 def map_tasks(fn: Callable[..., Any], items: Iterable[Any], *, description: str = "",
@@ -58,7 +48,7 @@ def map_tasks(fn: Callable[..., Any], items: Iterable[Any], *, description: str 
     """Apply ``fn`` to every item (``fn(item, shared)`` when ``shared`` is given); results in
     item order. ``num_cpus`` overrides ``COMPRESS_RAY_TASK_CPUS`` for this call."""
     items = list(items)
-    if not items or not _ray_ready():
+    if not items or not ray_address():
         if shared is _UNSET:
             return [fn(item) for item in items]
         return [fn(item, shared) for item in items]

@@ -89,5 +89,6 @@ def test_ray_fan_out_keeps_order_shares_once_and_raises(ray_address, monkeypatch
     # two CPUs per task on a two-CPU node: one task at a time, the results the same
     out1 = map_tasks(_square_slowly, range(6), num_cpus=2)
     assert [v for v, _ in out1] == [0, 1, 4, 9, 16, 25]
-    monkeypatch.delenv(ENV_ADDRESS)
-    assert parallel.backend() == "ray"  # still connected: the process fans out where it is
+    monkeypatch.delenv(ENV_ADDRESS)  # not configured: serial, even in a connected process
+    assert parallel.backend() == "serial"
+    assert {pid for _, pid in map_tasks(_square_slowly, range(3))} == {os.getpid()}
