@@ -169,10 +169,10 @@ class RayRunner(JobRunner):
         append_log(log_path, f"attempt {job.attempts} submitted to Ray by "
                              f"{self.settings.instance} ({resources['num_cpus']:g} CPU, "
                              f"{resources['num_gpus']:g} GPU)")
+        self.store.update_running(job.id, message="waiting for a Ray worker")
         ref = self._remote.options(**resources, name=f"compress-job-{job.id[:8]}").remote(
             dataclasses.asdict(spec), self.settings.db_url, timeout_s=self.settings.job_timeout_s,
             cancel_grace_s=self.settings.cancel_grace_s)
-        self.store.update_running(job.id, message="waiting for a Ray worker")
         return _InFlight(job, ref, tmp_out, job_dir, log_path, resources)
 
     def _check_cancels(self, flights: dict) -> None:

@@ -33,6 +33,31 @@ def test_job_resources_from_recipe_and_settings():
     assert job_resources("version: 1\n", Settings(ray_num_gpus=2))["num_gpus"] == 2
 
 
+def test_serve_selects_the_ray_runner(tmp_path, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from compress.cli import main
+    from service.ray_runner import RayRunner
+    from service.runner import LocalProcessRunner, make_runner
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--token",
+                                       "t:a", "--runner", "ray", "--ray-address", "head:6379"])
+    assert result.exit_code == 0, result.output
+    settings = seen["app"].state.settings
+    assert settings.runner == "ray" and settings.ray_address == "head:6379"
+    assert "on Ray (head:6379)" in result.output
+    assert isinstance(make_runner(None, settings), RayRunner)
+    assert isinstance(make_runner(None, Settings()), LocalProcessRunner)
+    monkeypatch.setenv("COMPRESS_SERVICE_RUNNER", "ray")
+    monkeypatch.setenv("COMPRESS_SERVICE_RAY_MAX_RETRIES", "3")
+    assert Settings().runner == "ray" and Settings().ray_max_retries == 3
+    bad = CliRunner().invoke(main, ["serve", "--runner", "spark"])
+    assert bad.exit_code == 2
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A head and a second node, one CPU each, on this machine; shut down after the module."""
