@@ -49,6 +49,7 @@ def _forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def layer_sensitivity(name: str, shared: dict) -> dict:
     """Output error of the model with only ``name``'s weights quantized to 4 bits."""
+    started = time.perf_counter()
     torch.set_num_threads(1)
     module = shared["module"]
     parent_name, _, attr = name.rpartition(".")
@@ -67,7 +68,8 @@ def layer_sensitivity(name: str, shared: dict) -> dict:
     finally:
         setattr(parent, attr, original)  # serial calls share the module
     return {"layer": name, "mse_rel": noise / signal,
-            "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else float("inf")}
+            "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else float("inf"),
+            "task_s": time.perf_counter() - started, "pid": os.getpid()}
 
 
 def load(key: str) -> tuple[dict, list[str]]:
@@ -124,12 +126,13 @@ def main() -> None:
             # warm-up: both Ray workers started, torch imported, the model deserialized once
             run_mode("ray-2", cluster.address, shared, layers[:2])
             times = {m: [] for m in modes}
-            results = {}
+            results, last = {}, {}
             for _ in range(args.rounds):
                 for mode in modes:
                     seconds, res = run_mode(mode, cluster.address, shared, layers)
                     times[mode].append(seconds)
                     results.setdefault(mode, res)
+                    last[mode] = res
                     assert [r["layer"] for r in res] == layers  # order kept
             base = results["serial"]
             max_diff = max(abs(a["mse_rel"] - b["mse_rel"]) / b["mse_rel"]
@@ -137,12 +140,16 @@ def main() -> None:
             if max_diff > 1e-9:
                 raise SystemExit(f"{key}: results differ across modes (relative {max_diff:.2e})")
             med = {m: statistics.median(v) for m, v in times.items()}
+            # time inside the tasks (sum over layers, last round): contention shows up here
+            busy = {m: sum(r["task_s"] for r in res_m) for m, res_m in last.items()}
+            procs = {m: len({r["pid"] for r in res_m}) for m, res_m in last.items()}
             worst = sorted(base, key=lambda r: r["sqnr_db"])[:3]
             report["models"][key] = {
                 "layers": len(layers), "seconds": times, "median_s": med,
                 "speedup_2_vs_1": med["ray-1"] / med["ray-2"],
                 "speedup_2_vs_serial": med["serial"] / med["ray-2"],
-                "max_relative_difference": max_diff,
+                "max_relative_difference": max_diff, "task_seconds_sum": busy,
+                "worker_processes": procs,
                 "most_sensitive": [(r["layer"], round(r["sqnr_db"], 2)) for r in worst]}
             print(json.dumps({key: report["models"][key]}, indent=1), flush=True)
     finally:
@@ -153,11 +160,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     lines = ["| model | Linear layers | serial s | Ray 1 worker s | Ray 2 workers s | "
-             "speed-up 2 vs 1 | results equal |", "|---|---|---|---|---|---|---|"]
+             "speed-up 2 vs 1 | task time sum 1 / 2 workers s | results equal |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, m in report["models"].items():
-        s = m["median_s"]
+        s, b = m["median_s"], m["task_seconds_sum"]
         lines.append(f"| {key} | {m['layers']} | {s['serial']:.2f} | {s['ray-1']:.2f} | "
-                     f"{s['ray-2']:.2f} | {m['speedup_2_vs_1']:.2f}x | yes (max rel. diff "
+                     f"{s['ray-2']:.2f} | {m['speedup_2_vs_1']:.2f}x | {b['ray-1']:.1f} / "
+                     f"{b['ray-2']:.1f} | yes (max rel. diff "
                      f"{m['max_relative_difference']:.1e}) |")
     print("\n".join(lines))
     print(f"load average before {report['load'][0]:.1f}, after {report['load_after'][0]:.1f}")
