@@ -176,7 +176,8 @@ class RayRunner(JobRunner):
         return _InFlight(job, ref, tmp_out, job_dir, log_path, resources)
 
     def _check_cancels(self, flights: dict) -> None:
-        with self._cond:
+        with self._cond:  # only this instance's jobs in flight matter here
+            self._cancel &= {f.job.id for f in flights.values()}
             wanted = set(self._cancel)
         now = time.monotonic()
         for flight in flights.values():
