@@ -84,6 +84,11 @@ def test_dockerfile_matches_the_project(name):
     py = PYPROJECT["project"]["requires-python"]  # ">=3.11,<3.12": every image runs 3.11
     assert "3.11" in py and ("python:3.11" in base or "python3.11" in (DOCKER / name).read_text())
 
+    if name.endswith("cuda"):  # the image's CUDA is the one the locked torch wheels use
+        lock = (ROOT / "requirements.lock").read_text()
+        toolkit = re.search(r"^cuda-toolkit==(\d+)\.", lock, re.M).group(1)
+        assert re.search(rf"nvidia/cuda:{toolkit}\.\d+\.\d+-", base), (base, toolkit)
+
     copied = []
     for word, args in steps:
         if word == "COPY":
