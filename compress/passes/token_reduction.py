@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..context import PassContext
 from ..errors import RecipeError, UnsupportedModelError
 from ..models.handle import ModelHandle
-from ..patch.vit_tokens import patch_vit, vit_token_count
+from ..patch.vit_tokens import final_prunable, patch_vit, vit_token_count
 from ..registry import PassConfig, register_pass
-from ..tokens.merge import parse_r, token_counts
+from ..tokens.merge import parse_r
 from ..tokens.prune import keep_count
 from ..tokens.schedule import estimated_speedup, search_strength
 
@@ -65,6 +65,8 @@ class TomeConfig(PassConfig):
     schedule: Literal["constant", "decreasing"] = "constant"
     prop_attn: bool = Field(True, description="add log(size) to attention scores")
     auto: AutoSchedule | None = Field(None, description="search r instead (overrides r)")
+    final_prefix_only: bool = Field(True, description=(
+        "class-token-pooled models: run the last MLP on the prefix tokens only (exact)"))
 
     @model_validator(mode="after")
     def _r(self):
@@ -94,6 +96,8 @@ class EvitConfig(PassConfig):
         "0-based blocks that prune; default: depth/4, depth/2, 3*depth/4"))
     prop_attn: bool = Field(True, description="add log(size) to attention scores")
     auto: AutoSchedule | None = Field(None, description="search keep_rate instead")
+    final_prefix_only: bool = Field(True, description=(
+        "class-token-pooled models: run the last MLP on the prefix tokens only (exact)"))
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -152,6 +156,31 @@ def check_auto(auto: AutoSchedule | None, handle: ModelHandle, ctx: PassContext)
                           [("calibration", "required by " + p)])
 
 
+def with_final(plan: list, module, enabled: bool) -> list:
+    """Replace the last block's step by ("final",) where the output reads prefix tokens only."""
+    if enabled and final_prunable(module):
+        return [*plan[:-1], ("final",)]
+    return plan
+
+
+def plan_counts(n: int, protected: int, plan: list) -> list[int]:
+    """Tokens entering each block (and leaving the last) under ``plan``."""
+    counts = [n]
+    for step in plan:
+        if step is None:
+            pass
+        elif step[0] == "tome":
+            n = n - min(step[1], (n - protected) // 2)
+        elif step[0] == "final":
+            n = protected
+        else:
+            rest = n - protected
+            k = keep_count(rest, step[1])
+            n = protected + k + (1 if k < rest else 0)
+        counts.append(n)
+    return counts
+
+
 def _report_schedule(ctx: PassContext, counts: list[int], dim: int, ratio: float, **extra):
     ctx.report.summary.update(
         tokens_per_block=counts, estimated_speedup=round(estimated_speedup(counts, dim, ratio), 3),
@@ -183,10 +212,11 @@ def tome(model: ModelHandle, config: TomeConfig, ctx: PassContext) -> None:
 
     def plan_for(r) -> list:
         rs = parse_r(depth, r, config.schedule)
-        return [("tome", v) if v > 0 else None for v in rs], rs
+        plan = [("tome", v) if v > 0 else None for v in rs]
+        return with_final(plan, module, config.final_prefix_only), rs
 
     def counts_for(r) -> list[int]:
-        return token_counts(n, plan_for(r)[1], protected)
+        return plan_counts(n, protected, plan_for(r)[0])
 
     r = config.r
     trials = None
@@ -210,16 +240,6 @@ def tome(model: ModelHandle, config: TomeConfig, ctx: PassContext) -> None:
 # --------------------------------------------------------------------------- evit
 
 
-def evit_counts(n: int, protected: int, plan: list) -> list[int]:
-    counts = [n]
-    for step in plan:
-        if step is not None:
-            rest = n - protected
-            n = protected + keep_count(rest, step[1]) + (1 if keep_count(rest, step[1]) < rest else 0)
-        counts.append(n)
-    return counts
-
-
 @register_pass(EvitConfig, needs_calibration=lambda c: c.auto is not None and (
     c.auto.max_accuracy_drop is not None or c.auto.min_cosine is not None))
 def evit(model: ModelHandle, config: EvitConfig, ctx: PassContext) -> None:
@@ -239,12 +259,13 @@ def evit(model: ModelHandle, config: EvitConfig, ctx: PassContext) -> None:
             (f"passes.{ctx.index}.locations", f"{bad} not in 0..{depth - 1}")])
 
     def plan_for(rate: float) -> list:
-        return [("evit", rate) if i in locs and rate < 1 else None for i in range(depth)]
+        plan = [("evit", rate) if i in locs and rate < 1 else None for i in range(depth)]
+        return with_final(plan, module, config.final_prefix_only)
 
     rate, trials = config.keep_rate, None
     if config.auto is not None:
         cands = [round(1 - 0.05 * i, 2) for i in range(19)]   # 1.0 down to 0.1
-        speed = lambda c: estimated_speedup(evit_counts(n, protected, plan_for(c)), dim, ratio)  # noqa: E731
+        speed = lambda c: estimated_speedup(plan_counts(n, protected, plan_for(c)), dim, ratio)  # noqa: E731
         patch_vit(module, [None] * depth, config.prop_attn)
         ok = fidelity_check(model, ctx, config.auto, "auto")
         check = None if ok is None else (
@@ -253,6 +274,6 @@ def evit(model: ModelHandle, config: EvitConfig, ctx: PassContext) -> None:
     plan = plan_for(rate)
     patch_vit(module, plan, config.prop_attn)
     model.info["token_reduction"] = {"method": "evit", "keep_rate": rate, "locations": locs}
-    _report_schedule(ctx, evit_counts(n, protected, plan), dim, ratio, method="evit",
+    _report_schedule(ctx, plan_counts(n, protected, plan), dim, ratio, method="evit",
                      keep_rate=rate, locations=locs, protected_tokens=protected,
                      **({"auto_trials": trials} if trials else {}))

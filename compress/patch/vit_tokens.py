@@ -2,7 +2,8 @@
 
 ``patch_vit(model, plan, prop_attn)`` swaps the model's class (weights never move) for one whose
 ``forward_features`` runs the blocks one by one and reduces tokens between each block's attention
-and its MLP, as ToMe does. ``plan[i]`` is ``None``, ``("tome", r)`` or ``("evit", keep_rate)``.
+and its MLP, as ToMe does. ``plan[i]`` is ``None``, ``("tome", r)``, ``("evit", keep_rate)`` or, for the last block of a
+class-token-pooled model, ``("final",)`` (only the prefix tokens go through its MLP: exact).
 Class, distillation and register tokens (``num_prefix_tokens``) are set aside and never merged
 or dropped. LayerScale (``ls1``/``ls2``), qk-norm and drop-path are kept as timm has them: the
 attention runs through ``patch.attention``'s explicit module, which also carries ToMe's
@@ -52,6 +53,11 @@ def reduce_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None, ste
         metric = attn._last_keys.mean(dim=1)          # keys averaged over heads, [B, N, C/h]
         merge, _ = bipartite_soft_matching(metric, step[1], protected)
         x, size = merge_wavg(merge, x, size)
+    elif method == "final":
+        # Class-token pooling reads only the prefix tokens after the last block: the last MLP
+        # on the other tokens is dead code, so they are dropped exactly (no fidelity cost).
+        x = x[:, :protected]
+        size = None if size is None else size[:, :protected]
     elif method == "evit":
         scores = class_attention(attn.probe.last, protected)
         k = keep_count(x.shape[1] - protected, step[1])
@@ -105,6 +111,11 @@ def patch_vit(model: nn.Module, plan: list, prop_attn: bool = True) -> None:
             _CLASSES[base] = cls
         model.__class__ = cls
     model._token_reduction = {"plan": list(plan), "prop_attn": prop_attn}
+
+
+def final_prunable(model: nn.Module) -> bool:
+    """True when the model's output reads only the prefix tokens after the last block."""
+    return model.global_pool == "token" and model.num_prefix_tokens > 0
 
 
 def vit_token_count(model: nn.Module) -> tuple[int, int]:
