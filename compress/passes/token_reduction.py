@@ -277,3 +277,104 @@ def evit(model: ModelHandle, config: EvitConfig, ctx: PassContext) -> None:
     _report_schedule(ctx, plan_counts(n, protected, plan), dim, ratio, method="evit",
                      keep_rate=rate, locations=locs, protected_tokens=protected,
                      **({"auto_trials": trials} if trials else {}))
+
+
+# --------------------------------------------------------------------------- text
+
+
+class TextTokenPruneConfig(PassConfig):
+    """Attention-based token pruning for BERT-family sentence encoders (pooled embeddings).
+
+    At the chosen layers, between attention and feed-forward, tokens are ranked by the
+    attention they receive from the real tokens (mean over heads and queries); the
+    ``keep_rate`` share of the (padded) length is kept in order. [CLS] is never dropped, [SEP]
+    ranks first, padding last. With ``fuse`` the dropped tokens become one token weighted by
+    their count, so mean pooling still weighs every original token once. The keep count is
+    computed from the sequence length with integer ops: one ONNX graph for every length.
+    ``auto`` searches one keep rate for all chosen layers on the calibration data.
+
+    Recipe:
+        - type: text_token_prune
+          layers: [2, 4]
+          keep_rate: 0.6
+    """
+
+    type: Literal["text_token_prune"] = "text_token_prune"
+    keep_rate: float | list[float] = Field(0.6, description=(
+        "share of tokens kept at each pruning layer (one value, or one per layer)"))
+    layers: list[int] | None = Field(None, description=(
+        "0-based encoder layers that prune; default: depth/3 and 2*depth/3"))
+    fuse: bool = Field(True, description="fuse dropped tokens into one, weighted by their count")
+    prop_attn: bool = Field(True, description="add log(size) of fused tokens to attention")
+    auto: AutoSchedule | None = Field(None, description="search keep_rate instead")
+
+    @model_validator(mode="after")
+    def _rates(self):
+        rates = self.keep_rate if isinstance(self.keep_rate, list) else [self.keep_rate]
+        if not all(0 < r <= 1 for r in rates):
+            raise ValueError("keep_rate must be in (0, 1]")
+        if isinstance(self.keep_rate, list) and self.layers is not None and \
+                len(self.keep_rate) != len(self.layers):
+            raise ValueError("keep_rate list needs one entry per layer")
+        return self
+
+
+def text_counts(n: int, plan: dict[int, float], depth: int, fuse: bool) -> list[int]:
+    counts = [n]
+    for i in range(depth):
+        if i in plan:
+            k = keep_count(n - 1, plan[i])
+            n = 1 + k + (1 if fuse and k < n - 1 else 0)
+        counts.append(n)
+    return counts
+
+
+@register_pass(TextTokenPruneConfig, needs_calibration=lambda c: c.auto is not None and (
+    c.auto.max_accuracy_drop is not None or c.auto.min_cosine is not None))
+def text_token_prune(model: ModelHandle, config: TextTokenPruneConfig, ctx: PassContext) -> None:
+    from ..patch.text_tokens import _encoder_parts, patch_text
+
+    if model.task != "text-embedding" or model.module is None:
+        raise UnsupportedModelError(
+            f"passes.{ctx.index}: text_token_prune works on text encoders; use tome or evit "
+            "for ViTs")
+    check_auto(config.auto, model, ctx)
+    _, layers = _encoder_parts(model.module.transformer)
+    depth = len(layers)
+    p = f"passes.{ctx.index}"
+    locs = config.layers if config.layers is not None else sorted({depth // 3, 2 * depth // 3})
+    bad = [v for v in locs if not 0 <= v < depth]
+    if bad:
+        raise RecipeError("layers out of range", [(f"{p}.layers", f"{bad} not in 0..{depth - 1}")])
+    if isinstance(config.keep_rate, list) and len(config.keep_rate) != len(locs):
+        raise RecipeError("keep_rate does not fit layers", [
+            (f"{p}.keep_rate", f"{len(config.keep_rate)} rates for {len(locs)} layers")])
+    sep = getattr(model.tokenizer, "sep_token_id", None)
+    sep = -1 if sep is None else sep
+    cfg = model.module.transformer.config
+    dim, ratio = cfg.hidden_size, cfg.intermediate_size / cfg.hidden_size
+    seq = 128
+
+    def plan_for(rate) -> dict[int, float]:
+        rates = rate if isinstance(rate, list) else [rate] * len(locs)
+        return {i: r for i, r in zip(locs, rates) if r < 1}
+
+    def apply(rate) -> None:
+        patch_text(model.module, plan_for(rate), sep, config.fuse, config.prop_attn)
+
+    rate, trials = config.keep_rate, None
+    if config.auto is not None:
+        cands = [round(1 - 0.05 * i, 2) for i in range(19)]
+        speed = lambda c: estimated_speedup(text_counts(seq, plan_for(c), depth, config.fuse),  # noqa: E731
+                                            dim, ratio)
+        apply(1.0)
+        ok = fidelity_check(model, ctx, config.auto, "auto")
+        check = None if ok is None else (lambda c: ok(lambda: apply(c)))
+        rate, trials = search_strength(cands, speed, check, config.auto.speedup)
+    apply(rate)
+    counts = text_counts(seq, plan_for(rate), depth, config.fuse)
+    model.info["token_reduction"] = {"method": "text_token_prune", "keep_rate": rate,
+                                     "layers": locs}
+    _report_schedule(ctx, counts, dim, ratio, method="text_token_prune", keep_rate=rate,
+                     layers=locs, fuse=config.fuse, estimate_seq_len=seq,
+                     **({"auto_trials": trials} if trials else {}))

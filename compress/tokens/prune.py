@@ -62,7 +62,8 @@ def topk_keep(x: torch.Tensor, scores: torch.Tensor, k, protected: int = 0,
     outs_extra = []
     if fuse:
         # Weight of each dropped token: its score times its size; kept ones get 0.
-        dropped = torch.ones_like(scores).scatter(1, idx, torch.zeros_like(scores))
+        # (updates shaped like the index: ONNX ScatterElements requires it, torch does not)
+        dropped = torch.ones_like(scores).scatter(1, idx, torch.zeros_like(idx, dtype=scores.dtype))
         w = (scores.clamp_min(0) * dropped)[..., None] * s_rest
         fused = (rest * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1e-12)
         s_fused = (s_rest * dropped[..., None]).sum(1, keepdim=True)
