@@ -115,7 +115,9 @@ def find_layers(model: nn.Module) -> list[LayerTap]:
         parts = name.split(".")
         layer = name
         for i in range(len(parts) - 1, 0, -1):
-            if isinstance(modules.get(".".join(parts[:i - 1])), nn.ModuleList):
+            # the element of a layer list: timm ``blocks`` (Sequential), BERT ``layer`` (ModuleList)
+            if parts[i - 1].isdigit() and isinstance(modules.get(".".join(parts[:i - 1])),
+                                                     (nn.ModuleList, nn.Sequential)):
                 layer = ".".join(parts[:i])
                 break
         taps.append(LayerTap(layer, name, kind, heads))
