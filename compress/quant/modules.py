@@ -85,7 +85,8 @@ class ActQuantizer(nn.Module):
         return self.bits != 8
 
     def start_observing(self) -> None:
-        self.observer = make_observer(self.observer_kind, self.percentile)
+        self.observer = make_observer(self.observer_kind, self.percentile, self.bits,
+                                       self.symmetric)
         self.mode = "observe"
 
     def freeze(self) -> None:
