@@ -79,8 +79,7 @@ def search_alpha(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor
                  ) -> tuple[float, dict[float, float]]:
     """The alpha (from ``alphas``) with the least summed quantized output error of the Linears.
 
-    Returns the best alpha and the error of every candidate (``alpha=None`` in the dict's
-    ``"none"`` entry is the unsmoothed error for reference is not included; callers compare).
+    Returns the best alpha and the summed relative error of every candidate.
     """
     x_min, x_max = x.amin(0), x.amax(0)
     errors = {}
