@@ -49,7 +49,7 @@ def _forward(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def layer_sensitivity(name: str, shared: dict) -> dict:
     """Output error of the model with only ``name``'s weights quantized to 4 bits."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)
     module = shared["module"]
     parent_name, _, attr = name.rpartition(".")
@@ -69,7 +69,8 @@ def layer_sensitivity(name: str, shared: dict) -> dict:
         setattr(parent, attr, original)  # serial calls share the module
     return {"layer": name, "mse_rel": noise / signal,
             "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else float("inf"),
-            "task_s": time.perf_counter() - started, "pid": os.getpid()}
+            "task_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
+            "pid": os.getpid()}
 
 
 def load(key: str) -> tuple[dict, list[str]]:
@@ -142,6 +143,7 @@ def main() -> None:
             med = {m: statistics.median(v) for m, v in times.items()}
             # time inside the tasks (sum over layers, last round): contention shows up here
             busy = {m: sum(r["task_s"] for r in res_m) for m, res_m in last.items()}
+            cpu = {m: sum(r["cpu_s"] for r in res_m) for m, res_m in last.items()}
             procs = {m: len({r["pid"] for r in res_m}) for m, res_m in last.items()}
             worst = sorted(base, key=lambda r: r["sqnr_db"])[:3]
             report["models"][key] = {
@@ -149,6 +151,7 @@ def main() -> None:
                 "speedup_2_vs_1": med["ray-1"] / med["ray-2"],
                 "speedup_2_vs_serial": med["serial"] / med["ray-2"],
                 "max_relative_difference": max_diff, "task_seconds_sum": busy,
+                "task_cpu_seconds_sum": cpu,
                 "worker_processes": procs,
                 "most_sensitive": [(r["layer"], round(r["sqnr_db"], 2)) for r in worst]}
             print(json.dumps({key: report["models"][key]}, indent=1), flush=True)
@@ -160,13 +163,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     lines = ["| model | Linear layers | serial s | Ray 1 worker s | Ray 2 workers s | "
-             "speed-up 2 vs 1 | task time sum 1 / 2 workers s | results equal |",
-             "|---|---|---|---|---|---|---|---|"]
+             "speed-up 2 vs 1 | task wall sum 1 / 2 workers s | task CPU sum 1 / 2 workers s "
+             "| results equal |", "|---|---|---|---|---|---|---|---|---|"]
     for key, m in report["models"].items():
         s, b = m["median_s"], m["task_seconds_sum"]
         lines.append(f"| {key} | {m['layers']} | {s['serial']:.2f} | {s['ray-1']:.2f} | "
                      f"{s['ray-2']:.2f} | {m['speedup_2_vs_1']:.2f}x | {b['ray-1']:.1f} / "
-                     f"{b['ray-2']:.1f} | yes (max rel. diff "
+                     f"{b['ray-2']:.1f} | {m['task_cpu_seconds_sum']['ray-1']:.1f} / "
+                     f"{m['task_cpu_seconds_sum']['ray-2']:.1f} | yes (max rel. diff "
                      f"{m['max_relative_difference']:.1e}) |")
     print("\n".join(lines))
     print(f"load average before {report['load'][0]:.1f}, after {report['load_after'][0]:.1f}")

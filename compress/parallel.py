@@ -3,7 +3,7 @@
 ``map_tasks(fn, items)`` returns ``[fn(item) for item in items]`` in order. It runs serially,
 unless a Ray cluster is configured: then every item is one Ray task and the calls run on the
 cluster's workers, results still in item order, the first failing item's exception raised as
-its own type.
+its own type (the other tasks are cancelled); a task whose worker process dies runs once more.
 
 Configuration (no recipe change needed, so the same recipe runs on a laptop and a cluster):
 

@@ -99,10 +99,10 @@ def serve(host, port, data_dir, database_url, workers, tokens, max_upload_mb, ru
         settings.tokens = {token: "default"}
         click.echo(f"API token (tenant 'default'): {token}   [kept in "
                    f"{settings.data_dir / 'token'}]", err=True)
+    on_ray = f" on Ray ({settings.ray_address or 'auto'})" if settings.runner == "ray" else ""
     click.echo(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs   "
                f"database: {settings.db_url.split('@')[-1]}   workers: {settings.workers}"
-               + (f" on Ray ({settings.ray_address or 'auto'})" if settings.runner == "ray" else ""),
-               err=True)
+               f"{on_ray}", err=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 

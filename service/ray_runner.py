@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -56,7 +57,6 @@ class _InFlight:
     log_path: Path
     resources: dict
     cancel_at: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class RayRunner(JobRunner):
@@ -225,8 +225,6 @@ class RayRunner(JobRunner):
 
     def _lost(self, flight: _InFlight, why: str, reason: str) -> None:
         """The Ray task ended without an outcome: retry by policy, or fail with the reason."""
-        import shutil
-
         job = flight.job
         shutil.rmtree(flight.tmp_out, ignore_errors=True)
         if why == "cancelled" or self.store.cancel_requested(job.id):
