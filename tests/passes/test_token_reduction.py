@@ -107,3 +107,21 @@ def test_minilm_token_prune_keeps_cosine(tmp_path):
     assert r["metrics"]["compressed"]["cosine_mean"] >= 0.98
     assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
     assert np.isfinite(r["metrics"]["compressed"]["cosine_min"])
+
+
+def test_evit_report_pictures_kept_patches(tmp_path):
+    from compress.passes.token_reduction import kept_patch_masks
+
+    h, ctx = _handle(), _ctx(tmp_path, n=8)
+    evit(h, EvitConfig(keep_rate=0.6, locations=[1, 3], plot_images=2), ctx)
+    assert (tmp_path / ctx.report.plots[0]["file"]).stat().st_size > 1000
+    assert ctx.report.summary["tokens_per_block"] == [17, 17, 12, 12, 9, 9, 1]
+    masks, scores = kept_patch_masks(h.module, ctx.calib.inputs["pixel_values"][:3])
+    # Stage 1 keeps ceil(0.6*16) = 10 patches; stage 2 keeps 7 of 11 tokens (10 + fused).
+    assert masks[0].sum(1).tolist() == [10] * 3
+    assert all(6 <= v <= 7 for v in masks[1].sum(1).tolist())
+    assert not (masks[1] & ~masks[0]).any()                 # a dropped patch never returns
+    # The kept patches are the ones with the highest class attention.
+    kept_min = scores.masked_fill(~masks[0], float("inf")).min(1).values
+    dropped_max = scores.masked_fill(masks[0], float("-inf")).max(1).values
+    assert (kept_min >= dropped_max).all()
