@@ -96,6 +96,8 @@ class EvitConfig(PassConfig):
         "0-based blocks that prune; default: depth/4, depth/2, 3*depth/4"))
     prop_attn: bool = Field(True, description="add log(size) to attention scores")
     auto: AutoSchedule | None = Field(None, description="search keep_rate instead")
+    plot_images: int = Field(4, ge=0, description=(
+        "calibration images pictured in the report with the patches each stage kept"))
     final_prefix_only: bool = Field(True, description=(
         "class-token-pooled models: run the last MLP on the prefix tokens only (exact)"))
 
@@ -274,6 +276,8 @@ def evit(model: ModelHandle, config: EvitConfig, ctx: PassContext) -> None:
     plan = plan_for(rate)
     patch_vit(module, plan, config.prop_attn)
     model.info["token_reduction"] = {"method": "evit", "keep_rate": rate, "locations": locs}
+    if config.plot_images:
+        save_kept_patch_plot(model, ctx, config.plot_images)
     _report_schedule(ctx, plan_counts(n, protected, plan), dim, ratio, method="evit",
                      keep_rate=rate, locations=locs, protected_tokens=protected,
                      **({"auto_trials": trials} if trials else {}))
@@ -378,3 +382,74 @@ def text_token_prune(model: ModelHandle, config: TextTokenPruneConfig, ctx: Pass
     _report_schedule(ctx, counts, dim, ratio, method="text_token_prune", keep_rate=rate,
                      layers=locs, fuse=config.fuse, estimate_seq_len=seq,
                      **({"auto_trials": trials} if trials else {}))
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def kept_patch_masks(module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Run ``x`` through a pruning ViT; per pruning stage a [B, H*W] bool mask of the original
+    patches still present as tokens of their own, and the first stage's class-attention scores.
+    """
+    rec: list = []
+    module._token_reduction["record"] = rec
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        module._token_reduction.pop("record", None)
+    grid = module.patch_embed.grid_size
+    n = grid[0] * grid[1]
+    pos = torch.arange(n).expand(x.shape[0], n)
+    masks, first = [], None
+    for scores, idx in rec:
+        if first is None:
+            first = scores
+        cur = torch.cat([pos, torch.full_like(pos[:, :1], -1)], dim=1)  # -1: a fused token
+        pos = cur.gather(1, idx)
+        m = torch.zeros(x.shape[0], n + 1, dtype=torch.bool)
+        m.scatter_(1, torch.where(pos < 0, n, pos), True)
+        masks.append(m[:, :n])
+        pos = torch.cat([pos, torch.full_like(pos[:, :1], -1)], dim=1)
+    return masks, first
+
+
+def save_kept_patch_plot(model: ModelHandle, ctx: PassContext, images: int = 4) -> None:
+    """IA-RED²-style picture: per image, the importance map and the patches each stage kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if ctx.calib is None or "pixel_values" not in ctx.calib.inputs:
+        return
+    module = model.module
+    x = ctx.calib.inputs["pixel_values"][:images].to(ctx.device)
+    masks, scores = kept_patch_masks(module, x)
+    if not masks:
+        return
+    gh, gw = module.patch_embed.grid_size
+    dc = model.data_config or {}
+    mean = torch.tensor(dc.get("mean", [0.0] * x.shape[1]))[:, None, None]
+    std = torch.tensor(dc.get("std", [1.0] * x.shape[1]))[:, None, None]
+    cols = 2 + len(masks)
+    fig, axes = plt.subplots(len(x), cols, figsize=(2 * cols, 2 * len(x)), squeeze=False)
+    for i in range(len(x)):
+        img = (x[i].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        cmap = "gray" if img.ndim == 2 else None
+        axes[i, 0].imshow(img, cmap=cmap)
+        axes[i, 1].imshow(scores[i, :gh * gw].reshape(gh, gw).cpu().numpy(), cmap="viridis")
+        for j, m in enumerate(masks):
+            keep = m[i].reshape(gh, gw).float().numpy()
+            up = np.kron(keep, np.ones((img.shape[0] // gh, img.shape[1] // gw)))
+            shown = img * (0.25 + 0.75 * (up if img.ndim == 2 else up[..., None]))
+            axes[i, 2 + j].imshow(shown, cmap=cmap, vmin=0, vmax=1)
+            if i == 0:
+                axes[i, 2 + j].set_title(f"stage {j + 1}: {int(m[i].sum())} kept", fontsize=8)
+        if i == 0:
+            axes[i, 0].set_title("input", fontsize=8)
+            axes[i, 1].set_title("importance (CLS attn)", fontsize=8)
+    for a in axes.ravel():
+        a.axis("off")
+    ctx.save_plot(fig, "kept_patches", "Patches kept at each pruning stage (calibration images)")

@@ -71,6 +71,7 @@ def test_unsupported_models_raise():
         patch_vit(torch.nn.Linear(2, 2), [])
 
 
+@pytest.mark.slow  # one ONNX export: ~15-25 s on the 2-core machine
 def test_ort_matches_torch_at_several_batch_sizes(tmp_path):
     # ToMe, EViT and the prefix-only last block in one graph (one export keeps the test short).
     plan = [("tome", 2), ("evit", 0.6), ("tome", 1), None, ("evit", 0.7), ("final",)]
