@@ -85,7 +85,8 @@ def main() -> None:
         key = "top1" if "top1" in m else "cosine_mean"
         print(f"| {args.model} | {name} | {row['steps']} | {row['distill_seconds']:.0f} s | "
               f"{key} {m[key]:.4f} (fp32 {row['original'].get(key, 1.0):.4f}) | "
-              f"ONNX {row['onnx_bytes'] / 1e6:.3f} MB | packed {row['packed_bytes'] / 1e6:.3f} MB | "
+              f"ONNX {row['onnx_bytes'] / 1e6:.3f} MB | "
+              f"packed {row['packed_bytes'] / 1e6:.3f} MB | "
               f"saving {row['binary_ops']['theoretical_saving']}x |", flush=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
 
