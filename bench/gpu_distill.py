@@ -19,7 +19,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import math
 import os
 import platform
 import struct
@@ -140,7 +139,8 @@ def binarize(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
     model.to(device).eval()
-    pred = torch.cat([model(x[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(x), 256)])
+    pred = torch.cat([model(x[i:i + 256].to(device)).argmax(1).cpu()
+                      for i in range(0, len(x), 256)])
     return round(float((pred == y).float().mean()) * 100, 2)
 
 
@@ -180,7 +180,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     state = read_safetensors(ref / "model.safetensors")
     calib, ev = np.load(ref / "calib.npz"), np.load(ref / "eval.npz")
-    data = {"x": torch.from_numpy(calib["x"]).float(), "y": torch.from_numpy(calib["labels"]).long(),
+    data = {"x": torch.from_numpy(calib["x"]).float(),
+            "y": torch.from_numpy(calib["labels"]).long(),
             "x_eval": torch.from_numpy(ev["x"]).float(),
             "y_eval": torch.from_numpy(ev["labels"]).long()}
     teacher = ViT()

@@ -284,8 +284,8 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: dict[str, torch.Tens
                     row["qkv"], row["hidden"] = float(l_qkv.detach()), float(l_hid.detach())
                 history.append(row)
                 if progress is not None:
-                    progress(step / settings.steps,
-                             f"distill step {step}/{settings.steps} loss {float(loss.detach()):.4f}")
+                    msg = f"distill step {step}/{settings.steps} loss {row['loss']:.4f}"
+                    progress(step / settings.steps, msg)
             if settings.max_seconds is not None and time.perf_counter() - t0 > settings.max_seconds:
                 stopped = step < settings.steps
                 break

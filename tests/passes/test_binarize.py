@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -97,3 +98,20 @@ def test_unknown_target_is_a_recipe_error_naming_the_field(tmp_path, tiny_vit_fi
         targets=["blocks.99.mlp"], distillation={"method": "none"})])
     with pytest.raises(RecipeError, match=r"passes\.0\.targets\[0\]"):
         _run(recipe, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_digits_vit_w1a32_dmd_loses_under_two_points(tmp_path, digits_reference):
+    """The done-when number at a short schedule: 100 DMD steps of batch 32 (~40 s quiet)."""
+    from compress.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "digits_vit_binary.yaml"
+    recipe = load_recipe(path, overrides=[
+        "passes.0.distillation.steps=100", "passes.0.distillation.batch_size=32",
+        "evaluation.latency.enabled=false"])
+    r = compress(recipe, out_dir=tmp_path / "out").report
+    assert r["passes"][0]["summary"]["distillation"]["steps"] == 100
+    assert r["metrics"]["original"]["top1"] > 0.97
+    assert r["metrics"]["drop"]["top1_points"] <= 2.0
+    assert (tmp_path / "out" / "model.binary.safetensors").stat().st_size < 0.1 * (
+        tmp_path / "out" / "model.fp32.onnx").stat().st_size
