@@ -88,3 +88,28 @@ def _run_pass_only(recipe, tmp_path):
 def test_bad_config_fails_validation(tiny_vit_files, mp, field):
     with pytest.raises(RecipeError, match=field):
         parse_recipe(_recipe(tiny_vit_files, **mp))
+
+
+@pytest.mark.slow
+def test_digits_vit_w4a8_mixed_done_when(tmp_path, digits_reference):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "digits_vit_mixed.yaml"
+    r = compress(recipe, out_dir=tmp_path / "out",
+                 overrides=["evaluation.latency.enabled=false"]).report
+    s = r["passes"][0]["summary"]
+    assert s["avg_weight_bits"] <= 4.5
+    assert r["metrics"]["drop"]["top1_points"] <= 1.0
+
+
+@pytest.mark.slow
+def test_minilm_mixed_done_when(tmp_path, minilm_dir):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "minilm_mixed.yaml"
+    result = compress(recipe, out_dir=tmp_path / "out",
+                      overrides=["evaluation.latency.enabled=false"])
+    r = result.report
+    assert r["passes"][0]["summary"]["avg_weight_bits"] <= 4.5
+    assert r["metrics"]["compressed"]["cosine_mean"] >= 0.985
+    assert result.model_path.stat().st_size <= 20e6
