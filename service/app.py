@@ -31,7 +31,7 @@ from compress.recipe import recipe_to_yaml
 
 from .archives import ArchiveLimits
 from .recipes import bundled_recipe_text, bundled_recipes, check_recipe
-from .runner import ARTIFACTS, LOG_FILE, JobRunner, LocalProcessRunner
+from .runner import ARTIFACTS, LOG_FILE, JobRunner, make_runner
 from .schemas import (
     ArtifactsPublic,
     ErrorResponse,
@@ -97,7 +97,7 @@ def _input_errors(e: InputError, field: str | None = None) -> dict:
 # ------------------------------------------------------------------------------- app
 
 def create_app(settings: Settings | None = None,
-               runner_factory: RunnerFactory = LocalProcessRunner) -> FastAPI:
+               runner_factory: RunnerFactory = make_runner) -> FastAPI:
     settings = settings or Settings()
     tokens = {hashlib.sha256(t.encode()).hexdigest(): tenant
               for t, tenant in settings.all_tokens().items()}

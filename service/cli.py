@@ -73,8 +73,15 @@ def client_command(fn):
               help="accepted API token (repeatable); without any, one is generated and kept in "
                    "DATA_DIR/token")
 @click.option("--max-upload-mb", type=int, default=None)
+@click.option("--runner", type=click.Choice(["local", "ray"]), default=None,
+              help="run jobs in local processes (default) or on a Ray cluster "
+                   "(env COMPRESS_SERVICE_RUNNER)")
+@click.option("--ray-address", default=None,
+              help="with --runner ray: the cluster, e.g. ray-head:6379 (default 'auto'; env "
+                   "COMPRESS_SERVICE_RAY_ADDRESS)")
 @click.option("--log-level", default="info", show_default=True)
-def serve(host, port, data_dir, database_url, workers, tokens, max_upload_mb, log_level):
+def serve(host, port, data_dir, database_url, workers, tokens, max_upload_mb, runner,
+          ray_address, log_level):
     """Run the compression service: REST API (/docs), workers and dashboard (/)."""
     import uvicorn
 
@@ -82,7 +89,7 @@ def serve(host, port, data_dir, database_url, workers, tokens, max_upload_mb, lo
     from .settings import Settings, parse_tokens
 
     given = {"data_dir": data_dir, "database_url": database_url, "workers": workers,
-             "max_upload_mb": max_upload_mb}
+             "max_upload_mb": max_upload_mb, "runner": runner, "ray_address": ray_address}
     settings = Settings(**{k: v for k, v in given.items() if v is not None})
     extra = parse_tokens(",".join(t if ":" in t else f"{t}:default" for t in tokens))
     if extra:
@@ -92,9 +99,10 @@ def serve(host, port, data_dir, database_url, workers, tokens, max_upload_mb, lo
         settings.tokens = {token: "default"}
         click.echo(f"API token (tenant 'default'): {token}   [kept in "
                    f"{settings.data_dir / 'token'}]", err=True)
+    on_ray = f" on Ray ({settings.ray_address or 'auto'})" if settings.runner == "ray" else ""
     click.echo(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs   "
-               f"database: {settings.db_url.split('@')[-1]}   workers: {settings.workers}",
-               err=True)
+               f"database: {settings.db_url.split('@')[-1]}   workers: {settings.workers}"
+               f"{on_ray}", err=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 

@@ -184,15 +184,7 @@ class LocalProcessRunner(JobRunner):
         return False
 
     def _run(self, job: Job) -> None:
-        job_dir = self.settings.job_dir(job.tenant, job.id)
-        log_path = job_dir / LOG_FILE
-        tmp_out = job_dir / f".tmp-{job.attempts}"
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        tmp_out.mkdir(parents=True)
-        inputs = {k: str(job_dir / v) for k, v in (job.inputs or {}).items()}
-        spec = JobSpec(job_id=job.id, recipe_yaml=job.recipe_yaml, out_dir=str(tmp_out),
-                       log_path=str(log_path), model=inputs.get("model"),
-                       calib=inputs.get("calib"), eval=inputs.get("eval"))
+        spec, job_dir, log_path, tmp_out = job_spec(self.settings, job)
         append_log(log_path, f"attempt {job.attempts} started on {self.settings.instance}")
         ctx = _mp_context()
         recv, send = ctx.Pipe(duplex=False)
@@ -261,34 +253,65 @@ class LocalProcessRunner(JobRunner):
 
     def _conclude(self, job: Job, outcome: str, payload: dict | None, tmp_out: Path,
                   job_dir: Path, log_path: Path, exitcode: int | None) -> None:
-        if outcome == "result":
-            artifacts = publish_artifacts(tmp_out, job_dir / ARTIFACTS)
-            state = SUCCEEDED if payload["gate_passed"] else GATE_FAILED
-            message = "done" if payload["gate_passed"] else "quality gate failed: " + "; ".join(
-                payload["gate_failures"])
-            self.store.finish(job.id, state, exit_code=payload["exit_code"],
-                              gate_passed=payload["gate_passed"], artifacts=artifacts,
-                              progress=1.0, stage="done", message=message[:1000])
-            append_log(log_path, f"finished: {state}; {len(artifacts)} artifacts checksummed")
-            return
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        if outcome == "stopped":
-            self.store.requeue(job.id, "requeued: the service stopped while it ran")
-            append_log(log_path, "service stopping: job killed and requeued")
-        elif outcome == "cancelled":
-            self.store.finish(job.id, CANCELLED, message="cancelled while running", exit_code=1)
-            append_log(log_path, "cancelled: worker process killed")
-        elif outcome == "timeout":
-            msg = f"the job ran longer than job_timeout_s={self.settings.job_timeout_s:g}"
-            self.store.finish(job.id, FAILED, exit_code=1, message=msg,
-                              error={"type": "TimeoutError", "message": msg})
-            append_log(log_path, f"failed: {msg}")
-        elif outcome == "error":
-            self.store.finish(job.id, FAILED, exit_code=payload.get("exit_code", 1),
-                              error=payload, message=payload.get("message", "")[:1000])
-            append_log(log_path, f"failed: {payload.get('type')}")
-        else:
-            msg = _describe_exit(exitcode)
-            self.store.finish(job.id, FAILED, exit_code=1, message=msg,
-                              error={"type": "WorkerCrashed", "message": msg})
-            append_log(log_path, f"failed: {msg}")
+        conclude_job(self.store, self.settings, job, outcome, payload, tmp_out, job_dir,
+                     log_path, exitcode)
+
+
+def job_spec(settings: Settings, job: Job) -> tuple[JobSpec, Path, Path, Path]:
+    """The job's spec with a fresh output folder for this attempt; (spec, job_dir, log, tmp)."""
+    job_dir = settings.job_dir(job.tenant, job.id)
+    log_path = job_dir / LOG_FILE
+    tmp_out = job_dir / f".tmp-{job.attempts}"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    tmp_out.mkdir(parents=True)
+    inputs = {k: str(job_dir / v) for k, v in (job.inputs or {}).items()}
+    spec = JobSpec(job_id=job.id, recipe_yaml=job.recipe_yaml, out_dir=str(tmp_out),
+                   log_path=str(log_path), model=inputs.get("model"),
+                   calib=inputs.get("calib"), eval=inputs.get("eval"))
+    return spec, job_dir, log_path, tmp_out
+
+
+def conclude_job(store: JobStore, settings: Settings, job: Job, outcome: str,
+                 payload: dict | None, tmp_out: Path, job_dir: Path, log_path: Path,
+                 exitcode: int | None) -> None:
+    """Publish the artifacts and record the job's final state (any runner's last step)."""
+    if outcome == "result":
+        artifacts = publish_artifacts(tmp_out, job_dir / ARTIFACTS)
+        state = SUCCEEDED if payload["gate_passed"] else GATE_FAILED
+        message = "done" if payload["gate_passed"] else "quality gate failed: " + "; ".join(
+            payload["gate_failures"])
+        store.finish(job.id, state, exit_code=payload["exit_code"],
+                 gate_passed=payload["gate_passed"], artifacts=artifacts,
+                 progress=1.0, stage="done", message=message[:1000])
+        append_log(log_path, f"finished: {state}; {len(artifacts)} artifacts checksummed")
+        return
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    if outcome == "stopped":
+        store.requeue(job.id, "requeued: the service stopped while it ran")
+        append_log(log_path, "service stopping: job killed and requeued")
+    elif outcome == "cancelled":
+        store.finish(job.id, CANCELLED, message="cancelled while running", exit_code=1)
+        append_log(log_path, "cancelled: worker process killed")
+    elif outcome == "timeout":
+        msg = f"the job ran longer than job_timeout_s={settings.job_timeout_s:g}"
+        store.finish(job.id, FAILED, exit_code=1, message=msg,
+                 error={"type": "TimeoutError", "message": msg})
+        append_log(log_path, f"failed: {msg}")
+    elif outcome == "error":
+        store.finish(job.id, FAILED, exit_code=payload.get("exit_code", 1),
+                 error=payload, message=payload.get("message", "")[:1000])
+        append_log(log_path, f"failed: {payload.get('type')}")
+    else:
+        msg = _describe_exit(exitcode)
+        store.finish(job.id, FAILED, exit_code=1, message=msg,
+                 error={"type": "WorkerCrashed", "message": msg})
+        append_log(log_path, f"failed: {msg}")
+
+
+def make_runner(store: JobStore, settings: Settings) -> JobRunner:
+    """The runner that ``settings.runner`` names (the app's default factory)."""
+    if settings.runner == "ray":
+        from .ray_runner import RayRunner
+
+        return RayRunner(store, settings)
+    return LocalProcessRunner(store, settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,19 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         300.0, gt=0, description="at start-up, requeue other instances' running jobs whose "
                                  "heartbeat is older than this (their service died)")
+
+    runner: Literal["local", "ray"] = Field(
+        "local", description="where jobs run: child processes of this instance, or a Ray cluster")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to run jobs on (runner=ray), e.g. ray-head:6379; default: "
+                          "the cluster this machine belongs to ('auto')")
+    ray_num_cpus: float = Field(1.0, gt=0, description="CPUs each job reserves on Ray")
+    ray_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs each job reserves on Ray (a recipe with device: cuda takes "
+                               "at least 1)")
+    ray_max_retries: int = Field(
+        1, ge=0, description="runs again a job whose Ray worker or node died, this many times; "
+                             "then it fails with the reason")
 
     @field_validator("tokens", mode="before")
     @classmethod

@@ -11,6 +11,8 @@ from ..calibration import measure_layer_sqnr, observe_activations
 from ..context import PassContext
 from ..models.handle import ModelHandle
 from ..patch.attention import explicit_attention_modules, make_attention_explicit
+from ..patch.fused_attention import fuse_attention
+from ..quant.functional import search_weight_scale
 from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul
 from ..registry import PassConfig, register_pass
 from ..targeting import check_patterns, select_modules, set_submodule
@@ -22,13 +24,16 @@ class WeightQuant(BaseModel):
         8, description="8 runs as int8 in ORT; fewer bits are simulated in int8 (same size)")
     granularity: Literal["channel"] = Field("channel", description="per output channel")
     symmetric: Literal[True] = True
+    observer: Literal["minmax", "mse", "cosine", "percentile"] = Field(
+        "minmax", description="per-channel clipping: none, or searched by MSE/cosine error")
 
 
 class ActivationQuant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     bits: Literal[4, 6, 8] = 8
     symmetric: bool = Field(False, description="false: uint8 with a zero point (fast on x86)")
-    observer: Literal["minmax", "percentile"] = "minmax"
+    observer: Literal["minmax", "percentile", "mse", "cosine"] = Field(
+        "minmax", description="range: min-max, percentile, or clipping searched by MSE/cosine")
     percentile: float = Field(99.99, gt=90, le=100, description="for observer: percentile")
 
 
@@ -56,12 +61,23 @@ class QuantizeConfig(PassConfig):
     activations: ActivationQuant | None = Field(
         default_factory=ActivationQuant, description="null: weight-only quantization")
     attention_matmuls: bool = Field(True, description="quantize q@k^T and probs@v inputs")
+    fused_attention: bool = Field(
+        False, description="export attention as one float ORT MultiHeadAttention node (fast on "
+        "CPU); needs attention_matmuls: false")
     sqnr_samples: int = Field(64, ge=1, description="calibration samples for per-layer SQNR")
 
     @field_validator("targets", "ignore")
     @classmethod
     def _patterns(cls, v, info):
         check_patterns(v, info.field_name)
+        return v
+
+    @field_validator("fused_attention")
+    @classmethod
+    def _fused_needs_float_attention(cls, v, info):
+        if v and info.data.get("attention_matmuls"):
+            raise ValueError("fused attention runs the attention products in float; "
+                             "set attention_matmuls: false")
         return v
 
 
@@ -110,6 +126,7 @@ def wrap_attention_matmuls(model: nn.Module, config: QuantizeConfig) -> dict[str
 def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> None:
     module = model.module
     prefix = f"passes.{ctx.index}."
+    fused = fuse_attention(module) if config.fused_attention else []
     layers = wrap_layers(module, config, prefix)
     matmuls = {}
     if config.attention_matmuls and config.activations is not None:
@@ -118,7 +135,9 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
     if config.activations is not None:
         observe_activations(model, ctx)
     for q in layers.values():
-        q.quantize_weight()
+        wobs = config.weights.observer
+        q.quantize_weight(None if wobs == "minmax" else
+                          search_weight_scale(q.weight, config.weights.bits, wobs))
     ctx.progress(0.9, "measuring per-layer SQNR")
     sqnr = measure_layer_sqnr(model, ctx, config.sqnr_samples)
     a_bits = config.activations.bits if config.activations else None
@@ -132,6 +151,7 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
                              sqnr_db=sqnr[name], simulated=(a_bits or 8) != 8)
     ctx.report.summary.update(
         quantized_layers=len(layers), quantized_matmuls=len(matmuls),
+        fused_attention=len(fused),
         weight_bits=config.weights.bits, act_bits=a_bits,
         observer=config.activations.observer if config.activations else None,
         min_sqnr_db=min(sqnr.values()) if sqnr else None)

@@ -78,3 +78,36 @@ def sqnr_from_sums(signal_sq: float, noise_sq: float) -> float:
     if noise_sq <= 0:
         return float("inf")
     return 10 * math.log10(max(signal_sq, EPS) / noise_sq)
+
+
+def search_weight_scale(w: torch.Tensor, bits: int, metric: str = "mse", grid: int = 64,
+                        min_fraction: float = 0.3) -> torch.Tensor:
+    """Per-output-channel symmetric scale whose clipping minimizes the row's quantization error.
+
+    ``metric``: ``minmax`` (no search), ``mse`` (squared error) or ``cosine`` (1 - cosine
+    similarity of the row); candidates clip each row at ``t * max|row|`` for ``grid`` fractions t
+    in [min_fraction, 1]. ``percentile`` clips each row at its 99.99th |w| percentile.
+    """
+    rows = w.detach().flatten(1).float()
+    amax = rows.abs().amax(1)
+    _, qmax = int_range(bits, signed=True, narrow=True)
+    if metric == "minmax":
+        return symmetric_qparams(amax, bits)[0]
+    if metric == "percentile":
+        clip = torch.quantile(rows.abs(), 0.9999, dim=1)
+        return symmetric_qparams(torch.minimum(clip, amax), bits)[0]
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = symmetric_qparams(amax, bits)[0]
+    for t in torch.linspace(min_fraction, 1.0, grid):
+        scale = symmetric_qparams(amax * t, bits)[0]
+        y = fake_quantize(rows, scale[:, None], torch.zeros(()), -qmax, qmax)
+        if metric == "mse":
+            err = (y - rows).pow(2).mean(1)
+        elif metric == "cosine":
+            err = 1 - torch.nn.functional.cosine_similarity(rows.double(), y.double(), dim=1).float()
+        else:
+            raise ValueError(f"unknown weight observer {metric!r}")
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale

@@ -85,7 +85,8 @@ class ActQuantizer(nn.Module):
         return self.bits != 8
 
     def start_observing(self) -> None:
-        self.observer = make_observer(self.observer_kind, self.percentile)
+        self.observer = make_observer(self.observer_kind, self.percentile, self.bits,
+                                       self.symmetric)
         self.mode = "observe"
 
     def freeze(self) -> None:
@@ -187,6 +188,24 @@ class QuantWeightMixin:
         return self.w_bits not in (8,)
 
 
+class ChannelAffine(nn.Module):
+    """``(x - shift) * inv_scale`` per last-dim channel: SmoothQuant's input transform where it
+    cannot fold into a preceding LayerNorm (post-LN BERT, whose LN output is also the residual)."""
+
+    def __init__(self, shift: torch.Tensor, inv_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("shift", shift.detach().float().clone())
+        self.register_buffer("inv_scale", inv_scale.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) * self.inv_scale
+
+
+def apply_input_transform(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook running ``module.input_transform`` on the first input of a float layer."""
+    return (module.input_transform(args[0]), *args[1:])
+
+
 class QuantLinear(QuantWeightMixin, nn.Module):
     """nn.Linear with fake-quantized input and integer weights.
 
@@ -200,6 +219,8 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.input_quantizer = input_quantizer
+        # Set by smooth_quant where the smoothing cannot fold into a LayerNorm (ChannelAffine).
+        self.input_transform = getattr(linear, "input_transform", None)
         self._init_weight_quant(w_bits)
 
     @classmethod
@@ -208,6 +229,8 @@ class QuantLinear(QuantWeightMixin, nn.Module):
         return cls(linear, w_bits, input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "input_transform", None) is not None:
+            x = self.input_transform(x)
         xq = self.input_quantizer(x) if self.input_quantizer is not None else x
         if _exporting() and self.weight_frozen:
             codes_t = self.w_codes.t().contiguous()
