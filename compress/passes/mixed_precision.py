@@ -129,14 +129,20 @@ class MixedPrecisionConfig(PassConfig):
 
 @dataclass
 class SensitivityTask:
-    """Swap one layer for each candidate, run the batches, measure output error."""
+    """One layer's candidate replacements (an item of ``map_tasks``)."""
+
+    layer: str
+    candidates: dict[tuple, nn.Module]
+
+
+@dataclass
+class SensitivityShared:
+    """What every task reads: the model at its top configuration, batches, float outputs."""
 
     module: nn.Module
     task: str
     batches: list[dict]
     reference: list[torch.Tensor]
-    layer: str
-    candidates: dict[tuple, nn.Module]
     metric: str
 
 
@@ -147,16 +153,17 @@ def _forward(module: nn.Module, task: str, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_layer(t: SensitivityTask) -> dict[tuple, float]:
-    original = t.module.get_submodule(t.layer)
+def measure_layer(t: SensitivityTask, s: SensitivityShared) -> dict[tuple, float]:
+    """Swap the layer for each candidate in turn, run the batches, measure the output error."""
+    original = s.module.get_submodule(t.layer)
     out = {}
     try:
         for cfg, cand in t.candidates.items():
-            set_submodule(t.module, t.layer, cand)
-            outs = [_forward(t.module, t.task, b) for b in t.batches]
-            out[cfg] = output_error(t.reference, outs, t.metric)
+            set_submodule(s.module, t.layer, cand)
+            outs = [_forward(s.module, s.task, b) for b in s.batches]
+            out[cfg] = output_error(s.reference, outs, s.metric)
     finally:
-        set_submodule(t.module, t.layer, original)
+        set_submodule(s.module, t.layer, original)
     return out
 
 
@@ -323,10 +330,10 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         tw, ta = c.configs[0]
         cands = {cfg: build(c.name, cfg) for cfg in c.configs
                  if cfg != c.configs[0] and (cfg[0] == tw or cfg[1] == ta)}
-        tasks.append(SensitivityTask(module, model.task, batches, reference, c.name, cands,
-                                     metric))
+        tasks.append(SensitivityTask(c.name, cands))
     ctx.progress(0.3, f"measuring {sum(len(t.candidates) for t in tasks)} sensitivities")
-    results = map_tasks(measure_layer, tasks, description="mixed_precision sensitivities")
+    results = map_tasks(measure_layer, tasks, description="mixed_precision sensitivities",
+                        shared=SensitivityShared(module, model.task, batches, reference, metric))
     for c, res in zip(choices, results, strict=True):
         tw, ta = c.configs[0]
         sw = {cfg[0]: e - base_error for cfg, e in res.items() if cfg[1] == ta}
