@@ -69,9 +69,17 @@ def save_pack_quantized(module: nn.Module, layers: dict[str, tuple[GroupQuantize
         root, prefix = module.transformer, "transformer."
     out_dir.mkdir(parents=True, exist_ok=True)
     local = {n.removeprefix(prefix): v for n, v in layers.items()}
+    # Hugging Face transformers (5.x) allocates unpacked zero points for quantized Embeddings
+    # but the pack-quantized compressor packs them, so such checkpoints do not load: embeddings
+    # go in as their dequantized float weights (listed under ``ignore``).
+    dense = {n: v for n, v in local.items() if v[2] == "Embedding"}
+    local = {n: v for n, v in local.items() if n not in dense}
     tensors: dict[str, torch.Tensor] = {}
     quantized_mods = set(local)
     for name, mod in root.named_modules():
+        if name in dense:
+            tensors[f"{name}.weight"] = dense[name][0].dequantize().contiguous()
+            continue
         if name in quantized_mods:
             gq, sym, _ = local[name]
             for k, v in compressed_layer_tensors(gq, sym).items():
@@ -92,6 +100,7 @@ def save_pack_quantized(module: nn.Module, layers: dict[str, tuple[GroupQuantize
         else {}
     all_linear = [n for n, m in root.named_modules()
                   if isinstance(m, (nn.Linear, nn.Embedding)) and n not in quantized_mods]
+    all_linear += list(dense)
     cfg["quantization_config"] = quantization_config(local, all_linear)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     return out_dir / "model.safetensors"

@@ -172,6 +172,10 @@ def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) 
         from ..export.compressed_tensors import save_pack_quantized
 
         path = save_pack_quantized(model.module, saved, ctx.out_dir / "compressed-tensors")
+        if not config.symmetric:
+            ctx.report.warn("compressed-tensors/ has asymmetric zero points: compressed-tensors "
+                            "reads it, but Hugging Face transformers 5.x allocates unpacked "
+                            "zero points and refuses it; use symmetric: true for transformers")
         summary["safetensors"] = str(path.relative_to(ctx.out_dir))
         summary["safetensors_mb"] = round(path.stat().st_size / 1e6, 3)
     ctx.report.summary.update(summary)

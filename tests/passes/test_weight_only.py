@@ -59,7 +59,7 @@ def test_int4_bert_with_embeddings_and_packed_safetensors(tmp_path, tiny_bert_di
                              "latency": {"enabled": False}},
               "export": {"verify_batch_sizes": [2]},
               "passes": [{"type": "weight_only", "targets": ["Linear", "Embedding"],
-                          "bits": 4, "block_size": 16, "safetensors": True,
+                          "bits": 4, "block_size": 16, "safetensors": True, "symmetric": True,
                           "accuracy_level": 0}]}
     result = _run(recipe, tmp_path / "out")
     r = result.report
@@ -85,3 +85,21 @@ def test_int4_bert_with_embeddings_and_packed_safetensors(tmp_path, tiny_bert_di
     key = next(k for k in orig if k.endswith(name + ".weight"))
     rel = float((w.float() - orig[key]).norm() / orig[key].norm())
     assert 0.005 < rel < 0.15
+
+    # Hugging Face transformers loads it (compressed-tensors quantizer, decompressed on CPU)
+    # and computes what our ONNX model computes (mean-pooled, normalized embeddings).
+    from transformers import AutoModel
+
+    from compress.export.ort import make_session
+
+    hf = AutoModel.from_pretrained(d).eval()
+    ids = torch.randint(1000, 30000, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        h = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    theirs = torch.nn.functional.normalize(h.mean(1), dim=-1)
+    sess = make_session(result.model_path)
+    ours = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy(),
+                                            "attention_mask": mask.numpy()})[0])
+    cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=1)
+    assert (cos > 0.9999).all(), cos
