@@ -48,6 +48,7 @@ def test_block_size_must_be_power_of_two(tiny_vit_files):
                                                               "block_size": 24}]))
 
 
+@pytest.mark.slow
 def test_int4_bert_with_embeddings_and_packed_safetensors(tmp_path, tiny_bert_dir, sentences):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
