@@ -61,11 +61,33 @@ def ort_matmul_nbits(bench, out: Path, *, bits: int = 4, block_size: int = 32,
                    build_seconds=time.perf_counter() - t)
 
 
+def reuse_bench(key, recipe: Path, out: Path, batch_sizes):
+    """Like ``load_bench`` but with our model already built in ``out/ours`` (same recipe)."""
+    import json
+
+    from bench.common import Bench
+    from compress.api import Pipeline
+    from compress.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides=["evaluation.latency.enabled=false"])
+    p = Pipeline(r, model=None, calib=None, eval=None, out_dir=out / "ours", progress=None,
+                 device="cpu")
+    p.load()
+    p.load_data()
+    p.baseline()
+    report = json.loads((out / "ours" / "report.json").read_text())
+    bench = Bench(key, p.handle, out / "ours" / "model.fp32.onnx", p.calib, p.eval,
+                  p.reference, batch_sizes)
+    return bench, out / "ours" / "model.onnx", report, report["stages"]["total"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("bench/results/mixed_precision"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse our variants already built under --out (ours/, int4/)")
     args = ap.parse_args()
     results = {"environment": environment_info(), "command": " ".join(sys.argv), "models": {}}
     md = [f"Machine: {cpu_name()}, {platform.machine()}, "
@@ -74,12 +96,18 @@ def main() -> None:
     for key in args.models.split(","):
         mixed, int4, batch_sizes, int4_overrides = MODELS[key]
         work = args.out / key
-        bench, ours_path, report, seconds = load_bench(key, mixed, work, batch_sizes)
+        if args.reuse and (work / "ours" / "report.json").exists():
+            bench, ours_path, report, seconds = reuse_bench(key, mixed, work, batch_sizes)
+        else:
+            bench, ours_path, report, seconds = load_bench(key, mixed, work, batch_sizes)
         summary = report["passes"][0]["summary"]
         bench.variants = [Variant("fp32", bench.fp32),
                           Variant(f"compress Greedy MP, avg {summary['avg_weight_bits']} bits "
                                   f"(ours)", ours_path, build_seconds=seconds)]
-        if key == "minilm":
+        if int4 is not None and args.reuse and (work / "int4" / "model.onnx").exists():
+            bench.variants.append(Variant("compress INT4 GPTQ b32 (ours)",
+                                          work / "int4" / "model.onnx"))
+        elif int4 is not None:
             p4, _, s4 = run_recipe(int4, work / "int4", int4_overrides)
             bench.variants.append(Variant("compress INT4 GPTQ b32 (ours)", p4, build_seconds=s4))
         peers = [lambda b, w: ort_matmul_nbits(b, w, gather=key == "minilm"),

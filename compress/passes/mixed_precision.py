@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,14 +129,20 @@ class MixedPrecisionConfig(PassConfig):
 
 @dataclass
 class SensitivityTask:
-    """Swap one layer for each candidate, run the batches, measure output error."""
+    """One layer's candidate replacements (an item of ``map_tasks``)."""
+
+    layer: str
+    candidates: dict[tuple, nn.Module]
+
+
+@dataclass
+class SensitivityShared:
+    """What every task reads: the model at its top configuration, batches, float outputs."""
 
     module: nn.Module
     task: str
     batches: list[dict]
     reference: list[torch.Tensor]
-    layer: str
-    candidates: dict[tuple, nn.Module]
     metric: str
 
 
@@ -148,16 +153,17 @@ def _forward(module: nn.Module, task: str, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_layer(t: SensitivityTask) -> dict[tuple, float]:
-    original = t.module.get_submodule(t.layer)
+def measure_layer(t: SensitivityTask, s: SensitivityShared) -> dict[tuple, float]:
+    """Swap the layer for each candidate in turn, run the batches, measure the output error."""
+    original = s.module.get_submodule(t.layer)
     out = {}
     try:
         for cfg, cand in t.candidates.items():
-            set_submodule(t.module, t.layer, cand)
-            outs = [_forward(t.module, t.task, b) for b in t.batches]
-            out[cfg] = output_error(t.reference, outs, t.metric)
+            set_submodule(s.module, t.layer, cand)
+            outs = [_forward(s.module, s.task, b) for b in s.batches]
+            out[cfg] = output_error(s.reference, outs, s.metric)
     finally:
-        set_submodule(t.module, t.layer, original)
+        set_submodule(s.module, t.layer, original)
     return out
 
 
@@ -324,10 +330,10 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         tw, ta = c.configs[0]
         cands = {cfg: build(c.name, cfg) for cfg in c.configs
                  if cfg != c.configs[0] and (cfg[0] == tw or cfg[1] == ta)}
-        tasks.append(SensitivityTask(module, model.task, batches, reference, c.name, cands,
-                                     metric))
+        tasks.append(SensitivityTask(c.name, cands))
     ctx.progress(0.3, f"measuring {sum(len(t.candidates) for t in tasks)} sensitivities")
-    results = map_tasks(measure_layer, tasks, description="mixed_precision sensitivities")
+    results = map_tasks(measure_layer, tasks, description="mixed_precision sensitivities",
+                        shared=SensitivityShared(module, model.task, batches, reference, metric))
     for c, res in zip(choices, results, strict=True):
         tw, ta = c.configs[0]
         sw = {cfg[0]: e - base_error for cfg, e in res.items() if cfg[1] == ta}
@@ -391,14 +397,14 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         q = module.get_submodule(n)
         w, a = cfg
         simulated = w not in (2, 4, 8) or (a is not None and a != 8)
+        ctx.report.add_layer(n, sqnr_db=_weight_sqnr(m, q, hessians.get(n)))
         ctx.report.add_layer(
             n, kind=type(m).__name__, params=m.weight.numel(), weight_bits=w, act_bits=a,
             simulated=simulated, pinned=n in pinned, onnx=type(q).__name__,
             sensitivity=round(sens[n][cfg], 6) if n in sens else None,
-            sensitivity_per_bit=(round(sens[n][(min(config.weight_bits), cfg[1])] /
-                                       max(cfg[0] - min(config.weight_bits), 1), 6)
-                                 if n in sens and (min(config.weight_bits), cfg[1]) in sens[n]
-                                 else None))
+            # Error rise with only this layer lowered to each width (activations at the top).
+            sensitivity_by_bits={f"W{c[0]}A{c[1] if c[1] is not None else 'f'}": round(v, 6)
+                                 for c, v in sens[n].items()} if n in sens else None)
     summary = dict(
         metric=metric, base_error=round(base_error, 6), final_error=round(final_error, 6),
         predicted_error=round(wpath[k].predicted_error, 6), steps=k + max(len(apath) - 1, 0),
@@ -419,6 +425,21 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
          "measured_error": round(measured[i], 6) if i in measured else None}
         for i, s in enumerate(wpath) if i in measured or i % max(len(wpath) // 40, 1) == 0]
     _plot(ctx, wpath, measured, k, metric)
+
+
+def _weight_sqnr(float_layer: nn.Module, q: nn.Module, h: torch.Tensor | None) -> float:
+    """Weight-error SQNR in dB, weighted by the input Hessian when there is one (output SQNR
+    of the layer on the calibration inputs, activation rounding aside)."""
+    import math
+
+    w = float_layer.weight.detach().float().cpu()
+    e = w - q.dequantized_weight().detach().float().cpu()
+    if h is not None:
+        hf = h.float()
+        sig, noise = float((w @ hf * w).sum()), float((e @ hf * e).sum())
+    else:
+        sig, noise = float(w.pow(2).sum()), float(e.pow(2).sum())
+    return round(10 * math.log10(max(sig, 1e-30) / max(noise, 1e-30)), 2)
 
 
 def _float_params(module: nn.Module, layers: dict[str, nn.Module]):

@@ -49,7 +49,8 @@ def test_max_error_budget_is_respected(tmp_path, tiny_vit_files):
 
 
 @pytest.mark.parametrize("mp,match", [
-    ({"budget": {"avg_weight_bits": 1.5}}, r"passes\.0\.budget\.avg_weight_bits=1\.5 is unreachable"),
+    ({"budget": {"avg_weight_bits": 1.5}},
+     r"passes\.0\.budget\.avg_weight_bits=1\.5 is unreachable"),
     ({"budget": {"avg_weight_bits": 3}, "overrides": {"re:blocks\\..*": 8}},
      r"passes\.0\.budget\.avg_weight_bits=3"),
     ({"budget": {"size_mb": 0.01}}, r"passes\.0\.budget\.size_mb=0\.01 is unreachable"),

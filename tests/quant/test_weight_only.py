@@ -19,7 +19,8 @@ def test_pack_uint_puts_low_bits_first():
     assert pack_uint(torch.tensor([[1, 2]], dtype=torch.uint8), 4).item() == 0x21
 
 
-@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, False), (4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("bits,symmetric",
+                         [(2, False), (3, False), (4, True), (4, False), (8, True)])
 def test_rtn_codes_stay_in_range_and_error_shrinks_with_bits(bits, symmetric):
     w = torch.randn(16, 64)
     gq = rtn(w, bits, 32, symmetric)
