@@ -78,3 +78,37 @@ def test_ort_quantize_dynamic_needs_no_calibration(tmp_path, tiny_vit_files, mod
     r = _run(recipe, tmp_path / "out").report
     assert "DynamicQuantizeLinear" in r["export"]["op_histogram"] or \
         "MatMulInteger" in r["export"]["op_histogram"]
+
+
+def test_fast_int8_fused_attention_runs_integer_kernels_in_ort(tmp_path, tiny_vit_files):
+    """Fast INT8: weight matmuls QDQ, attention one float MultiHeadAttention node; ORT fuses
+    the QDQ matmuls into integer kernels and matches the torch simulation."""
+    from compress.export.ort import make_session
+
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "attention_matmuls": False, "fused_attention": True,
+        "activations": {"observer": "mse"}, "weights": {"observer": "mse"}}])
+    recipe["evaluation"]["latency"] = {"enabled": False}
+    result = _run(recipe, tmp_path / "out")
+    r = result.report
+    ops = r["export"]["op_histogram"]
+    assert ops["com.microsoft::MultiHeadAttention"] == 6
+    assert "Softmax" not in ops
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    assert r["passes"][0]["summary"]["fused_attention"] == 6
+    assert r["metrics"]["compressed"]["top1_agreement"] >= 0.9
+    opt = tmp_path / "opt.onnx"
+    make_session(result.model_path, threads=1, optimized_path=opt)
+    fused = onnx.load(str(opt))
+    kinds = [n.op_type for n in fused.graph.node]
+    assert kinds.count("MatMulIntegerToFloat") + kinds.count("QLinearMatMul") >= 24
+    assert "MatMul" not in kinds  # no float weight matmul left
+
+
+def test_fused_attention_needs_float_attention_matmuls(tiny_vit_files):
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[{
+            "type": "quantize", "fused_attention": True}]))
+    assert "passes.0.fused_attention" in str(e.value.errors)
