@@ -112,3 +112,18 @@ def test_fused_attention_needs_float_attention_matmuls(tiny_vit_files):
         parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[{
             "type": "quantize", "fused_attention": True}]))
     assert "passes.0.fused_attention" in str(e.value.errors)
+
+
+def test_opt_m_two_region_exports_exactly(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "attention_matmuls": False, "fused_attention": True,
+        "activations": {"opt_m": True}}])
+    recipe["evaluation"]["latency"] = {"enabled": False}
+    r = _run(recipe, tmp_path / "out").report
+    assert r["passes"][0]["summary"]["opt_m_layers"] == 6  # every blocks.N.mlp.fc2
+    layers = {row["name"]: row for row in r["layers"]}
+    assert "opt_m_m" in layers["blocks.0.mlp.fc2"]
+    assert "opt_m_m" not in layers["blocks.0.mlp.fc1"]
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    # fc2 runs as two integer matmuls: 6 more QuantizeLinear than without OPT-m
+    assert r["export"]["op_histogram"]["QuantizeLinear"] >= 24 + 6
