@@ -127,3 +127,27 @@ def test_opt_m_two_region_exports_exactly(tmp_path, tiny_vit_files):
     assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
     # fc2 runs as two integer matmuls: 6 more QuantizeLinear than without OPT-m
     assert r["export"]["op_histogram"]["QuantizeLinear"] >= 24 + 6
+
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.mark.slow
+def test_digits_vit_fast_int8_drop(tmp_path, digits_reference):
+    result = compress(RECIPES / "digits_vit_int8_fast.yaml", out_dir=tmp_path,
+                      overrides=["evaluation.latency.enabled=false"])
+    r = result.report
+    assert r["metrics"]["drop"]["top1_points"] <= 0.2
+    assert r["export"]["op_histogram"]["com.microsoft::MultiHeadAttention"] == 4
+    assert result.gate_passed
+
+
+@pytest.mark.slow
+def test_minilm_fast_int8_cosine(tmp_path):
+    result = compress(RECIPES / "minilm_int8_fast.yaml", out_dir=tmp_path,
+                      overrides=["evaluation.latency.enabled=false"])
+    r = result.report
+    assert r["metrics"]["compressed"]["cosine_mean"] >= 0.995
+    assert r["export"]["op_histogram"]["com.microsoft::MultiHeadAttention"] == 6
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    assert result.gate_passed
