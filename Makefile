@@ -33,10 +33,10 @@ test-services:
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; fi
 
 test: setup test-services
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: setup test-services
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/quantization.py --out bench/results

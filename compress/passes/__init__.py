@@ -4,4 +4,12 @@ Add a pass: a module here with a ``PassConfig`` subclass and a function decorate
 ``@register_pass``, imported below. The recipe union is built from the registry.
 """
 
-from . import ort_quantize, quantize  # noqa: F401
+from . import (  # noqa: F401
+    binarize,
+    mixed_precision,
+    ort_quantize,
+    quantize,
+    smooth_quant,
+    token_reduction,
+    weight_only,
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,7 +12,15 @@ from ..calibration import measure_layer_sqnr, observe_activations
 from ..context import PassContext
 from ..models.handle import ModelHandle
 from ..patch.attention import explicit_attention_modules, make_attention_explicit
-from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul
+from ..patch.fused_attention import fuse_attention
+from ..quant.functional import search_weight_scale
+from ..quant.modules import (
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    TwoRegionActQuantizer,
+)
 from ..registry import PassConfig, register_pass
 from ..targeting import check_patterns, select_modules, set_submodule
 
@@ -22,14 +31,21 @@ class WeightQuant(BaseModel):
         8, description="8 runs as int8 in ORT; fewer bits are simulated in int8 (same size)")
     granularity: Literal["channel"] = Field("channel", description="per output channel")
     symmetric: Literal[True] = True
+    observer: Literal["minmax", "mse", "cosine", "percentile"] = Field(
+        "minmax", description="per-channel clipping: none, or searched by MSE/cosine error")
 
 
 class ActivationQuant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     bits: Literal[4, 6, 8] = 8
     symmetric: bool = Field(False, description="false: uint8 with a zero point (fast on x86)")
-    observer: Literal["minmax", "percentile"] = "minmax"
+    observer: Literal["minmax", "percentile", "mse", "cosine"] = Field(
+        "minmax", description="range: min-max, percentile, or clipping searched by MSE/cosine")
     percentile: float = Field(99.99, gt=90, le=100, description="for observer: percentile")
+    opt_m: bool = Field(
+        False, description="OPT-m: two-region (fine + 2^m coarser tail) quantizer on post-GELU "
+        "inputs (mlp.fc2, BERT output.dense), split and m searched by output error; exported "
+        "exactly as two integer matmuls (that layer costs twice)")
 
 
 class QuantizeConfig(PassConfig):
@@ -56,6 +72,9 @@ class QuantizeConfig(PassConfig):
     activations: ActivationQuant | None = Field(
         default_factory=ActivationQuant, description="null: weight-only quantization")
     attention_matmuls: bool = Field(True, description="quantize q@k^T and probs@v inputs")
+    fused_attention: bool = Field(
+        False, description="export attention as one float ORT MultiHeadAttention node (fast on "
+        "CPU); needs attention_matmuls: false")
     sqnr_samples: int = Field(64, ge=1, description="calibration samples for per-layer SQNR")
 
     @field_validator("targets", "ignore")
@@ -64,10 +83,23 @@ class QuantizeConfig(PassConfig):
         check_patterns(v, info.field_name)
         return v
 
+    @field_validator("fused_attention")
+    @classmethod
+    def _fused_needs_float_attention(cls, v, info):
+        if v and info.data.get("attention_matmuls"):
+            raise ValueError("fused attention runs the attention products in float; "
+                             "set attention_matmuls: false")
+        return v
 
-def new_act_quantizer(spec: ActivationQuant | None) -> ActQuantizer | None:
+
+POST_GELU = re.compile(r"(.*\.)?mlp\.fc2|(.*\.)?layer\.\d+\.output\.dense")
+
+
+def new_act_quantizer(spec: ActivationQuant | None, name: str = "") -> ActQuantizer | None:
     if spec is None:
         return None
+    if spec.opt_m and POST_GELU.fullmatch(name):
+        return TwoRegionActQuantizer(spec.bits)
     return ActQuantizer(spec.bits, spec.symmetric, spec.observer, spec.percentile)
 
 
@@ -83,7 +115,7 @@ def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str) -> dict[s
                             field_prefix=prefix)
     wrapped = {}
     for name, layer in chosen.items():
-        act = new_act_quantizer(config.activations)
+        act = new_act_quantizer(config.activations, name)
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
         q = cls(layer, config.weights.bits, act)
         set_submodule(model, name, q)
@@ -110,15 +142,25 @@ def wrap_attention_matmuls(model: nn.Module, config: QuantizeConfig) -> dict[str
 def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> None:
     module = model.module
     prefix = f"passes.{ctx.index}."
+    fused = fuse_attention(module) if config.fused_attention else []
     layers = wrap_layers(module, config, prefix)
     matmuls = {}
     if config.attention_matmuls and config.activations is not None:
         matmuls = wrap_attention_matmuls(module, config)
     module.to(ctx.device)
+    opt_m = {}
     if config.activations is not None:
         observe_activations(model, ctx)
+        for name, q in layers.items():
+            if isinstance(q.input_quantizer, TwoRegionActQuantizer):
+                best = q.input_quantizer.search(q.weight)
+                opt_m[name] = best
+                ctx.report.add_layer(name, opt_m_split=round(float(best["split"]), 4),
+                                     opt_m_m=best["m"])
     for q in layers.values():
-        q.quantize_weight()
+        wobs = config.weights.observer
+        q.quantize_weight(None if wobs == "minmax" else
+                          search_weight_scale(q.weight, config.weights.bits, wobs))
     ctx.progress(0.9, "measuring per-layer SQNR")
     sqnr = measure_layer_sqnr(model, ctx, config.sqnr_samples)
     a_bits = config.activations.bits if config.activations else None
@@ -132,6 +174,7 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
                              sqnr_db=sqnr[name], simulated=(a_bits or 8) != 8)
     ctx.report.summary.update(
         quantized_layers=len(layers), quantized_matmuls=len(matmuls),
+        fused_attention=len(fused), opt_m_layers=len(opt_m),
         weight_bits=config.weights.bits, act_bits=a_bits,
         observer=config.activations.observer if config.activations else None,
         min_sqnr_db=min(sqnr.values()) if sqnr else None)

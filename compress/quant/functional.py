@@ -78,3 +78,80 @@ def sqnr_from_sums(signal_sq: float, noise_sq: float) -> float:
     if noise_sq <= 0:
         return float("inf")
     return 10 * math.log10(max(signal_sq, EPS) / noise_sq)
+
+
+def search_weight_scale(w: torch.Tensor, bits: int, metric: str = "mse", grid: int = 64,
+                        min_fraction: float = 0.3) -> torch.Tensor:
+    """Per-output-channel symmetric scale whose clipping minimizes the row's quantization error.
+
+    ``metric``: ``minmax`` (no search), ``mse`` (squared error) or ``cosine`` (1 - cosine
+    similarity of the row); candidates clip each row at ``t * max|row|`` for ``grid`` fractions t
+    in [min_fraction, 1]. ``percentile`` clips each row at its 99.99th |w| percentile.
+    """
+    rows = w.detach().flatten(1).float()
+    amax = rows.abs().amax(1)
+    _, qmax = int_range(bits, signed=True, narrow=True)
+    if metric == "minmax":
+        return symmetric_qparams(amax, bits)[0]
+    if metric == "percentile":
+        clip = torch.quantile(rows.abs(), 0.9999, dim=1)
+        return symmetric_qparams(torch.minimum(clip, amax), bits)[0]
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = symmetric_qparams(amax, bits)[0]
+    for t in torch.linspace(min_fraction, 1.0, grid):
+        scale = symmetric_qparams(amax * t, bits)[0]
+        y = fake_quantize(rows, scale[:, None], torch.zeros(()), -qmax, qmax)
+        if metric == "mse":
+            err = (y - rows).pow(2).mean(1)
+        elif metric == "cosine":
+            err = 1 - torch.nn.functional.cosine_similarity(rows.double(), y.double(), dim=1).float()
+        else:
+            raise ValueError(f"unknown weight observer {metric!r}")
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def two_region_fake_quantize(x: torch.Tensor, split: torch.Tensor, scale1: torch.Tensor,
+                             zp1: torch.Tensor, scale2: torch.Tensor, bits: int = 8
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPT-m two-region quantization: the dense region ``x <= split`` on a fine unsigned grid
+    (``scale1``, ``zp1``), the tail ``x - split > 0`` on a coarse one (``scale2 = 2^m scale1``,
+    zero point 0). Returns both dequantized parts; their sum is the quantized ``x``.
+
+    Each part is an ordinary uint8 QuantizeLinear/DequantizeLinear, so the product with a weight
+    exports exactly as two integer matmuls (``W x = W x1 + W x2``).
+    """
+    qmin, qmax = int_range(bits, signed=False)
+    x1 = fake_quantize(torch.minimum(x, split), scale1, zp1, qmin, qmax)
+    x2 = fake_quantize(torch.relu(x - split), scale2, torch.zeros((), device=x.device), qmin,
+                       qmax)
+    return x1, x2
+
+
+def search_two_region(x: torch.Tensor, weight: torch.Tensor, bits: int = 8, splits: int = 12,
+                      max_m: int = 10) -> dict:
+    """Split and power-of-two scale ratio ``2^m`` minimizing the Linear's output error.
+
+    ``x``: calibration input rows (tokens x C) of the Linear with ``weight`` (out x C). Splits run
+    over ``max(x) / 2^k`` (k = 0..splits-1); for each, the tail scale is ``2^m`` times the fine
+    one (m = 0..max_m). The objective is ``||(x_hat - x) W^T||^2``; split = max(x) (no tail) is
+    a candidate, so the result is never worse than single-scale min-max on this sample.
+    """
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    qmin, qmax = int_range(bits, signed=False)
+    best = None
+    for k in range(splits):
+        split = hi / 2 ** k
+        if split <= 0:
+            break
+        s1, zp1 = affine_qparams(lo, split, bits)
+        for m in range(max_m + 1 if k else 1):
+            s2 = s1 * 2 ** m
+            x1, x2 = two_region_fake_quantize(x, split, s1, zp1.float(), s2, bits)
+            err = float(((x1 + x2 - x) @ weight.T).pow(2).mean())
+            if best is None or err < best["error"]:
+                best = {"error": err, "split": split.clone(), "m": m, "scale1": s1, "zp1": zp1,
+                        "scale2": s2, "tail_clipped": bool(hi - split > s2 * qmax)}
+    return best

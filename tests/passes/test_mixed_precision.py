@@ -1,0 +1,116 @@
+import pytest
+
+from compress import compress
+from compress.errors import RecipeError
+from compress.recipe import parse_recipe
+from tests.helpers import tiny_vit_recipe
+
+
+def _recipe(files, **mp):
+    p = {"type": "mixed_precision", "block_size": 16, "weight_bits": [2, 4, 8],
+         "sensitivity_samples": 8, "calibration_samples": 16, "method": "rtn", **mp}
+    r = tiny_vit_recipe(files, passes=[p])
+    r["evaluation"]["latency"] = {"enabled": False}
+    r["export"] = {"verify_batch_sizes": [2]}
+    return r
+
+
+def test_mixed_precision_meets_weight_budget_and_runs_in_ort(tmp_path, tiny_vit_files):
+    recipe = _recipe(tiny_vit_files, method="gptq", budget={"avg_weight_bits": 4.5},
+                     overrides={"head": None, "blocks.0.attn.qkv": 8})
+    result = compress(parse_recipe(recipe), out_dir=tmp_path / "out")
+    r = result.report
+    s = r["passes"][0]["summary"]
+    assert s["avg_weight_bits"] <= 4.5
+    assert s["pinned_layers"] == 1 and s["float_layers"] == 1
+    layers = {row["name"]: row for row in r["layers"]}
+    assert layers["head"]["weight_bits"] is None
+    assert layers["blocks.0.attn.qkv"]["weight_bits"] == 8
+    bits = {row["weight_bits"] for row in r["layers"] if row.get("weight_bits")}
+    assert bits <= {2, 4, 8} and len(bits) >= 2          # actually mixed
+    # The layers lowered furthest are the least sensitive per bit among those measured.
+    assert all(row["sensitivity"] is not None for row in r["layers"]
+               if row.get("weight_bits") and not row.get("pinned"))
+    ops = r["export"]["op_histogram"]
+    assert ops.get("com.microsoft::MatMulNBits", 0) >= 1 and ops.get("QuantizeLinear", 0) >= 1
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    # Measured and predicted error along the path; the plot is written.
+    assert s["final_error"] >= 0 and any(t["measured_error"] is not None
+                                         for t in s["trajectory"][1:])
+    plot = next(p for p in r["plots"] if "mixed_precision" in p["file"])
+    assert (tmp_path / "out" / plot["file"]).exists()
+
+
+def test_max_error_budget_is_respected(tmp_path, tiny_vit_files):
+    recipe = _recipe(tiny_vit_files, budget={"max_error": 2e-4}, act_bits=[])
+    s = _run_pass_only(recipe, tmp_path).report.summary
+    assert s["final_error"] <= 2e-4
+    assert s["avg_weight_bits"] < 8   # something was lowered
+
+
+@pytest.mark.parametrize("mp,match", [
+    ({"budget": {"avg_weight_bits": 1.5}},
+     r"passes\.0\.budget\.avg_weight_bits=1\.5 is unreachable"),
+    ({"budget": {"avg_weight_bits": 3}, "overrides": {"re:blocks\\..*": 8}},
+     r"passes\.0\.budget\.avg_weight_bits=3"),
+    ({"budget": {"size_mb": 0.01}}, r"passes\.0\.budget\.size_mb=0\.01 is unreachable"),
+    ({"budget": {"avg_weight_bits": 4}, "overrides": {"blocks.9.mlp.fc1": 4}},
+     r"passes\.0\.overrides key 'blocks\.9\.mlp\.fc1' matches no targeted layer"),
+    ({"budget": {"avg_act_bits": 6}}, r"passes\.0\.budget\.avg_act_bits=6"),
+])
+def test_impossible_budgets_and_bad_pins_are_recipe_errors(tmp_path, tiny_vit_files, mp, match):
+    with pytest.raises(RecipeError, match=match):
+        _run_pass_only(_recipe(tiny_vit_files, **mp), tmp_path)
+
+
+def _run_pass_only(recipe, tmp_path):
+    """Load model and data, run the pass alone (no baseline or export): fast error checks."""
+    from compress.api import Pipeline
+    from compress.context import PassContext, PassReport
+    from compress.passes.mixed_precision import mixed_precision
+
+    r = parse_recipe(recipe)
+    p = Pipeline(r, model=None, calib=None, eval=None, out_dir=tmp_path, progress=None,
+                 device="cpu")
+    p.load()
+    p.load_data()
+    ctx = PassContext(index=0, calib=p.calib, device=p.device, workdir=tmp_path,
+                      out_dir=tmp_path, report=PassReport(0, "mixed_precision"), batch_size=16)
+    mixed_precision(p.handle, r.passes[0], ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("mp,field", [
+    ({"budget": {}}, "budget"),
+    ({"budget": {"avg_weight_bits": 4}, "overrides": {"head": 7}}, "overrides"),
+    ({"budget": {"avg_weight_bits": 4}, "block_size": 20}, "block_size"),
+    ({"budget": {"avg_weight_bits": 4}, "act_bits": [5]}, "act_bits"),
+])
+def test_bad_config_fails_validation(tiny_vit_files, mp, field):
+    with pytest.raises(RecipeError, match=field):
+        parse_recipe(_recipe(tiny_vit_files, **mp))
+
+
+@pytest.mark.slow
+def test_digits_vit_w4a8_mixed_done_when(tmp_path, digits_reference):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "digits_vit_mixed.yaml"
+    r = compress(recipe, out_dir=tmp_path / "out",
+                 overrides=["evaluation.latency.enabled=false"]).report
+    s = r["passes"][0]["summary"]
+    assert s["avg_weight_bits"] <= 4.5
+    assert r["metrics"]["drop"]["top1_points"] <= 1.0
+
+
+@pytest.mark.slow
+def test_minilm_mixed_done_when(tmp_path, minilm_dir):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "minilm_mixed.yaml"
+    result = compress(recipe, out_dir=tmp_path / "out",
+                      overrides=["evaluation.latency.enabled=false"])
+    r = result.report
+    assert r["passes"][0]["summary"]["avg_weight_bits"] <= 4.5
+    assert r["metrics"]["compressed"]["cosine_mean"] >= 0.985
+    assert result.model_path.stat().st_size <= 20e6
