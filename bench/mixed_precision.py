@@ -53,11 +53,12 @@ def ort_matmul_nbits(bench, out: Path, *, bits: int = 4, block_size: int = 32,
         quant_axes=(("MatMul", 0), ("Gather", 1)))
     q = MatMulNBitsQuantizer(onnx.load(str(bench.fp32)), algo_config=cfg)
     q.process()
-    tag = f"w{bits}_b{block_size}{'_gather' if gather else ''}"
+    tag = f"w{bits}_b{block_size}_{'sym' if symmetric else 'asym'}{'_gather' if gather else ''}"
     dst = out / f"ort_{tag}.onnx"
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
     what = "MatMul + Gather" if gather else "MatMul"
-    return Variant(f"ORT MatMulNBitsQuantizer {bits}-bit b{block_size} sym ({what})", dst,
+    kind = "sym" if symmetric else "asym"
+    return Variant(f"ORT MatMulNBitsQuantizer {bits}-bit b{block_size} {kind} ({what})", dst,
                    build_seconds=time.perf_counter() - t)
 
 
