@@ -26,8 +26,10 @@ def main() -> None:
     ap.add_argument("--recipes", default="recipes/digits_vit_w8a8.yaml")
     ap.add_argument("--out", type=Path, default=Path("out/gpu_check"))
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--devices", default="cpu,cuda",
+                    help="comma-separated; cuda is skipped where none is present")
     args = ap.parse_args()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     result = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "runs": {}}

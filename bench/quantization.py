@@ -1,6 +1,8 @@
-"""INT8 benchmark: our W8A8 beside ONNX Runtime's and Optimum's quantizers, same data, one run.
+"""INT8 benchmark: our fast INT8 (and plain W8A8) beside ONNX Runtime's and Optimum's
+quantizers and fp32, same data, one run, ratios against fp32.
 
 Usage: .venv/bin/python bench/quantization.py [--models digits,deit,minilm] [--repeats 20]
+       [--ours fast,w8a8]
 Writes bench/results/quantization/{results.json,results.md}; BENCHMARKS.md quotes results.md.
 """
 
@@ -16,44 +18,88 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     RECIPES,
+    Bench,
     Variant,
+    _Reader,
     evaluate_variants,
     load_bench,
     optimum_dynamic,
     ort_dynamic,
     ort_static_default,
+    run_recipe,
     save,
     table,
     time_variants,
 )
 from compress.report.builder import cpu_name, environment_info  # noqa: E402
 
+try:  # load average at start, for the BENCHMARKS.md machine line
+    import os
+    LOAD = os.getloadavg()
+except OSError:
+    LOAD = None
+
 MODELS = {
-    # key: (recipe, batch sizes, overrides)
-    "digits": (RECIPES / "digits_vit_w8a8.yaml", [1, 8, 64], []),
-    "deit": (RECIPES / "deit_small_w8a8.yaml", [1, 8], []),
-    "minilm": (RECIPES / "minilm_w8a8.yaml", [1, 8, 32], []),
+    # key: (recipes {ours: path}, batch sizes, overrides)
+    "digits": ({"fast": RECIPES / "digits_vit_int8_fast.yaml",
+                "w8a8": RECIPES / "digits_vit_w8a8.yaml"}, [1, 8, 64], []),
+    "deit": ({"fast": RECIPES / "deit_small_int8_fast.yaml",
+              "w8a8": RECIPES / "deit_small_w8a8.yaml"}, [8], []),
+    "minilm": ({"fast": RECIPES / "minilm_int8_fast.yaml",
+                "w8a8": RECIPES / "minilm_w8a8.yaml"}, [8, 32], []),
 }
-PEERS = [ort_static_default, ort_dynamic, optimum_dynamic]
+OURS = {"fast": "compress INT8 fast (ours)", "w8a8": "compress W8A8 (ours, attention int8)"}
+
+
+def ort_static_transformer_safe(bench: Bench, out: Path) -> Variant:
+    """ORT quantize_static as onnx-export.md section 2 recommends for transformers: QDQ U8S8
+    per-channel, MatMul/Gemm/Conv only, activation x activation MatMuls excluded, MatMul outputs
+    not quantized."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    pre = out / "ort_pre_safe.onnx"
+    dst = out / "ort_static_safe.onnx"
+    t = time.perf_counter()
+    quant_pre_process(str(bench.fp32), str(pre), skip_symbolic_shape=True)
+    m = onnx.load(str(pre), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    excl = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+    reader = _Reader(make_session(pre), list(bench.calib.batches(16)))
+    quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=excl,
+                    extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
+    return Variant("ORT quantize_static (QDQ, MatMul/Gemm/Conv, transformer-safe)", dst,
+                   build_seconds=time.perf_counter() - t)
+
+
+PEERS = [ort_static_default, ort_static_transformer_safe, ort_dynamic, optimum_dynamic]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--ours", default="fast,w8a8", help="our recipes to include: fast, w8a8")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantization"))
     args = ap.parse_args()
     results = {"environment": environment_info(), "command": " ".join(sys.argv), "models": {}}
     md = [f"Machine: {cpu_name()}, {platform.machine()}, "
           f"{results['environment']['cpu_threads_available']} threads; "
-          f"onnxruntime {results['environment']['versions']['onnxruntime']}.\n"]
+          f"onnxruntime {results['environment']['versions']['onnxruntime']}; "
+          f"load average at start {LOAD}.\n"]
     for key in args.models.split(","):
-        recipe, batch_sizes, overrides = MODELS[key]
+        recipes, batch_sizes, overrides = MODELS[key]
         work = args.out / key
-        bench, ours_path, report, seconds = load_bench(key, recipe, work, batch_sizes,
-                                                       overrides=overrides)
+        ours = args.ours.split(",")
+        bench, ours_path, report, seconds = load_bench(key, recipes[ours[0]], work / ours[0],
+                                                       batch_sizes, overrides=overrides)
         bench.variants = [Variant("fp32", bench.fp32),
-                          Variant("compress W8A8 (ours)", ours_path, build_seconds=seconds)]
+                          Variant(OURS[ours[0]], ours_path, build_seconds=seconds)]
+        for extra in ours[1:]:
+            path, _, secs = run_recipe(recipes[extra], work / extra / "ours", overrides)
+            bench.variants.append(Variant(OURS[extra], path, build_seconds=secs))
         for peer in PEERS:
             try:
                 bench.variants.append(peer(bench, work))

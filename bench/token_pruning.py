@@ -34,7 +34,7 @@ MODELS = {
                          ("ToMe + W8A8", "digits_vit_tome_int8.yaml"),
                          ("W8A8 only", "digits_vit_w8a8.yaml")]),
     "deit": ([8], [("ToMe (r=16)", "deit_small_tome.yaml"),
-                   ("ToMe + W8A8", "deit_small_tome_int8.yaml"),
+                   ("ToMe (r=16, decreasing) + W8A8", "deit_small_tome_int8.yaml"),
                    ("W8A8 only", "deit_small_w8a8.yaml")]),
     "minilm": ([8, 32], [("text token pruning", "minilm_token_prune.yaml"),
                          ("text token pruning + W8A8", "minilm_token_prune_int8.yaml")]),
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("bench/results/token_pruning"))
+    ap.add_argument("--skip", default="", help="comma-separated variant names to leave out")
     args = ap.parse_args()
     results = {"environment": environment_info(), "command": " ".join(sys.argv), "models": {}}
     md = [f"Machine: {cpu_name()}, {platform.machine()}, "
@@ -53,6 +54,7 @@ def main() -> None:
           f"onnxruntime {results['environment']['versions']['onnxruntime']}.\n"]
     for key in args.models.split(","):
         batch_sizes, recipes = MODELS[key]
+        recipes = [v for v in recipes if v[0] not in args.skip.split(",")]
         work = args.out / key
         (name, first), rest = recipes[0], recipes[1:]
         bench, path, report, seconds = load_bench(key, RECIPES / first, work / "v0", batch_sizes)

@@ -214,11 +214,13 @@ def sample_batch(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None, i
 def distill(student: nn.Module, teacher: nn.Module, inputs: dict[str, torch.Tensor],
             labels: torch.Tensor | None, forward: ForwardFn, task: str,
             settings: DistillSettings, device: torch.device,
-            progress: Callable[[float, str], None] | None = None) -> DistillResult:
+            progress: Callable[[float, str], None] | None = None,
+            on_log: Callable[[int], dict] | None = None) -> DistillResult:
     """Train ``student`` in place to match ``teacher`` on ``inputs`` (N-first tensors).
 
     Both models are used in eval mode (no dropout); the teacher is frozen. Labels add a
-    cross-entropy term for classifiers when given. Returns the loss history and timing.
+    cross-entropy term for classifiers when given. ``on_log(step)`` may add held-out metrics to
+    each history row (its time is not counted). Returns the loss history and timing.
     """
     if settings.method not in ("output", "dmd"):
         raise ValueError(f"method must be output or dmd, got {settings.method!r}")
@@ -282,6 +284,11 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: dict[str, torch.Tens
                     row["labels"] = float(l_ce.detach())
                 if l_qkv is not None:
                     row["qkv"], row["hidden"] = float(l_qkv.detach()), float(l_hid.detach())
+                if on_log is not None:
+                    t_eval = time.perf_counter()
+                    row.update(on_log(step))
+                    student.eval()
+                    t0 += time.perf_counter() - t_eval  # evaluation is not training time
                 history.append(row)
                 if progress is not None:
                     msg = f"distill step {step}/{settings.steps} loss {row['loss']:.4f}"

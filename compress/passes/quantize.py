@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,7 +14,13 @@ from ..models.handle import ModelHandle
 from ..patch.attention import explicit_attention_modules, make_attention_explicit
 from ..patch.fused_attention import fuse_attention
 from ..quant.functional import search_weight_scale
-from ..quant.modules import ActQuantizer, QuantConv2d, QuantLinear, QuantMatMul
+from ..quant.modules import (
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    TwoRegionActQuantizer,
+)
 from ..registry import PassConfig, register_pass
 from ..targeting import check_patterns, select_modules, set_submodule
 
@@ -35,6 +42,10 @@ class ActivationQuant(BaseModel):
     observer: Literal["minmax", "percentile", "mse", "cosine"] = Field(
         "minmax", description="range: min-max, percentile, or clipping searched by MSE/cosine")
     percentile: float = Field(99.99, gt=90, le=100, description="for observer: percentile")
+    opt_m: bool = Field(
+        False, description="OPT-m: two-region (fine + 2^m coarser tail) quantizer on post-GELU "
+        "inputs (mlp.fc2, BERT output.dense), split and m searched by output error; exported "
+        "exactly as two integer matmuls (that layer costs twice)")
 
 
 class QuantizeConfig(PassConfig):
@@ -81,9 +92,14 @@ class QuantizeConfig(PassConfig):
         return v
 
 
-def new_act_quantizer(spec: ActivationQuant | None) -> ActQuantizer | None:
+POST_GELU = re.compile(r"(.*\.)?mlp\.fc2|(.*\.)?layer\.\d+\.output\.dense")
+
+
+def new_act_quantizer(spec: ActivationQuant | None, name: str = "") -> ActQuantizer | None:
     if spec is None:
         return None
+    if spec.opt_m and POST_GELU.fullmatch(name):
+        return TwoRegionActQuantizer(spec.bits)
     return ActQuantizer(spec.bits, spec.symmetric, spec.observer, spec.percentile)
 
 
@@ -99,7 +115,7 @@ def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str) -> dict[s
                             field_prefix=prefix)
     wrapped = {}
     for name, layer in chosen.items():
-        act = new_act_quantizer(config.activations)
+        act = new_act_quantizer(config.activations, name)
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
         q = cls(layer, config.weights.bits, act)
         set_submodule(model, name, q)
@@ -132,8 +148,15 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
     if config.attention_matmuls and config.activations is not None:
         matmuls = wrap_attention_matmuls(module, config)
     module.to(ctx.device)
+    opt_m = {}
     if config.activations is not None:
         observe_activations(model, ctx)
+        for name, q in layers.items():
+            if isinstance(q.input_quantizer, TwoRegionActQuantizer):
+                best = q.input_quantizer.search(q.weight)
+                opt_m[name] = best
+                ctx.report.add_layer(name, opt_m_split=round(float(best["split"]), 4),
+                                     opt_m_m=best["m"])
     for q in layers.values():
         wobs = config.weights.observer
         q.quantize_weight(None if wobs == "minmax" else
@@ -151,7 +174,7 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
                              sqnr_db=sqnr[name], simulated=(a_bits or 8) != 8)
     ctx.report.summary.update(
         quantized_layers=len(layers), quantized_matmuls=len(matmuls),
-        fused_attention=len(fused),
+        fused_attention=len(fused), opt_m_layers=len(opt_m),
         weight_bits=config.weights.bits, act_bits=a_bits,
         observer=config.activations.observer if config.activations else None,
         min_sqnr_db=min(sqnr.values()) if sqnr else None)

@@ -180,8 +180,11 @@ def smooth_group(g: Group, alpha: float, shift: bool) -> tuple[torch.Tensor, tor
         g.norm.weight.copy_(gamma)
         g.norm.bias.copy_(beta)
     else:
+        # One shared module: q, k and v export identical nodes on one input, which ORT's
+        # common-subexpression elimination merges into one.
+        transform = ChannelAffine(z, 1 / s)
         for lin in linears:
-            lin.input_transform = ChannelAffine(z, 1 / s)
+            lin.input_transform = transform
             lin.register_forward_pre_hook(apply_input_transform)
     return s, z
 

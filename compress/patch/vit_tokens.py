@@ -122,3 +122,55 @@ def vit_token_count(model: nn.Module) -> tuple[int, int]:
     """(tokens entering the first block, protected prefix tokens) for a timm ViT."""
     grid = model.patch_embed.grid_size
     return grid[0] * grid[1] + model.num_prefix_tokens, model.num_prefix_tokens
+
+
+class ExpeditViT(nn.Module):
+    """Mixin for timm VisionTransformer: cluster patch tokens after one block, reconstruct the
+    full token map before the final norm (Expedit); prefix tokens are carried unchanged."""
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        from ..tokens.cluster import cluster_tokens, reconstruct_tokens
+
+        cfg = self._expedit
+        p = self.num_prefix_tokens
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        before = cents = None
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i == cfg["location"]:
+                before = x[:, p:]
+                cents, _ = cluster_tokens(before, cfg["grid"], cfg["clusters"], cfg["iters"],
+                                          cfg["tau"], cfg["window"])
+                x = torch.cat([x[:, :p], cents], dim=1)
+        if before is not None:
+            x = torch.cat([x[:, :p], reconstruct_tokens(before, cents, x[:, p:], cfg["k"],
+                                                        cfg["tau"])], dim=1)
+        return self.norm(x)
+
+
+def patch_expedit(model: nn.Module, location: int, clusters: tuple[int, int], iters: int = 5,
+                  tau: float = 1.0, window: int = 5, k: int = 20) -> None:
+    """Expedit clustering after ``blocks[location]`` and reconstruction at the end, in place."""
+    _check_vit_blocks(model)
+    grid = tuple(model.patch_embed.grid_size)
+    if grid[0] % clusters[0] or grid[1] % clusters[1]:
+        raise ValueError(f"patch grid {grid} does not divide by clusters {clusters}")
+    base = type(model)
+    if not issubclass(base, ExpeditViT):
+        cls = _CLASSES.get(("expedit", base))
+        if cls is None:
+            cls = type(f"Expedit{base.__name__}", (ExpeditViT, base), {})
+            _CLASSES[("expedit", base)] = cls
+        model.__class__ = cls
+    model._expedit = {"location": location, "grid": grid, "clusters": tuple(clusters),
+                      "iters": iters, "tau": tau, "window": window, "k": k}
+
+
+def _check_vit_blocks(model: nn.Module) -> None:
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer) or not all(
+            isinstance(b, Block) for b in model.blocks):
+        raise UnsupportedModelError("expedit supports timm VisionTransformer with Block layers")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError("expedit needs a fixed patch grid (dynamic_img_size=False)")

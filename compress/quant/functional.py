@@ -111,3 +111,47 @@ def search_weight_scale(w: torch.Tensor, bits: int, metric: str = "mse", grid: i
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale
+
+
+def two_region_fake_quantize(x: torch.Tensor, split: torch.Tensor, scale1: torch.Tensor,
+                             zp1: torch.Tensor, scale2: torch.Tensor, bits: int = 8
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPT-m two-region quantization: the dense region ``x <= split`` on a fine unsigned grid
+    (``scale1``, ``zp1``), the tail ``x - split > 0`` on a coarse one (``scale2 = 2^m scale1``,
+    zero point 0). Returns both dequantized parts; their sum is the quantized ``x``.
+
+    Each part is an ordinary uint8 QuantizeLinear/DequantizeLinear, so the product with a weight
+    exports exactly as two integer matmuls (``W x = W x1 + W x2``).
+    """
+    qmin, qmax = int_range(bits, signed=False)
+    x1 = fake_quantize(torch.minimum(x, split), scale1, zp1, qmin, qmax)
+    x2 = fake_quantize(torch.relu(x - split), scale2, torch.zeros((), device=x.device), qmin,
+                       qmax)
+    return x1, x2
+
+
+def search_two_region(x: torch.Tensor, weight: torch.Tensor, bits: int = 8, splits: int = 12,
+                      max_m: int = 10) -> dict:
+    """Split and power-of-two scale ratio ``2^m`` minimizing the Linear's output error.
+
+    ``x``: calibration input rows (tokens x C) of the Linear with ``weight`` (out x C). Splits run
+    over ``max(x) / 2^k`` (k = 0..splits-1); for each, the tail scale is ``2^m`` times the fine
+    one (m = 0..max_m). The objective is ``||(x_hat - x) W^T||^2``; split = max(x) (no tail) is
+    a candidate, so the result is never worse than single-scale min-max on this sample.
+    """
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    qmin, qmax = int_range(bits, signed=False)
+    best = None
+    for k in range(splits):
+        split = hi / 2 ** k
+        if split <= 0:
+            break
+        s1, zp1 = affine_qparams(lo, split, bits)
+        for m in range(max_m + 1 if k else 1):
+            s2 = s1 * 2 ** m
+            x1, x2 = two_region_fake_quantize(x, split, s1, zp1.float(), s2, bits)
+            err = float(((x1 + x2 - x) @ weight.T).pow(2).mean())
+            if best is None or err < best["error"]:
+                best = {"error": err, "split": split.clone(), "m": m, "scale1": s1, "zp1": zp1,
+                        "scale2": s2, "tail_clipped": bool(hi - split > s2 * qmax)}
+    return best

@@ -19,8 +19,10 @@ from .functional import (
     int_range,
     quantize,
     reshape_for_axis,
+    search_two_region,
     sqnr_from_sums,
     symmetric_qparams,
+    two_region_fake_quantize,
 )
 from .observers import make_observer
 
@@ -122,6 +124,72 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, symmetric={self.symmetric}, observer={self.observer_kind}, "
                 f"mode={self.mode}")
+
+
+class TwoRegionActQuantizer(ActQuantizer):
+    """OPT-m: a fine uint8 grid for the dense region and a ``2^m`` times coarser one for the
+    long tail (post-GELU fc2 inputs), split and ``m`` searched by the Linear's output error.
+
+    Calibration keeps a sample of input rows; ``search(weight)`` (called by the quantize pass)
+    sets the split and scales. In torch it returns ``x1 + x2``; ``QuantLinear`` exports the two
+    parts as two integer matmuls on the same int8 weight (exact, at twice that layer's cost).
+    """
+
+    ROWS = 512
+
+    def __init__(self, bits: int = 8):
+        super().__init__(bits, symmetric=False, observer="minmax")
+        self.register_buffer("split", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("scale2", torch.ones((), dtype=torch.float32))
+        self.register_buffer("zero_point2", torch.zeros((), dtype=torch.uint8))
+        self.rows: list[torch.Tensor] = []
+        self.kept = 0
+        self.m = 0
+
+    def start_observing(self) -> None:
+        self.rows, self.kept = [], 0
+        self.mode = "observe"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            if self.kept < self.ROWS:
+                r = x.detach().flatten(0, -2).float().cpu()
+                g = torch.Generator().manual_seed(self.kept)
+                r = r[torch.randperm(r.shape[0], generator=g)[:self.ROWS - self.kept]]
+                self.rows.append(r)
+                self.kept += r.shape[0]
+            return x
+        if self.mode != "quant":
+            return x
+        x1, x2 = self.parts(x)
+        return x1 + x2
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if _exporting():
+            x1 = onnx_qdq(torch.minimum(x, self.split), self.scale, self.zero_point)
+            x2 = onnx_qdq(torch.relu(x - self.split), self.scale2, self.zero_point2)
+            return x1, x2
+        return two_region_fake_quantize(x, self.split, self.scale,
+                                        self.zero_point.to(torch.float32), self.scale2, self.bits)
+
+    def freeze(self) -> None:
+        """Frozen by ``search(weight)`` instead; kept for the calibration loop's contract."""
+
+    def search(self, weight: torch.Tensor) -> dict:
+        if not self.rows:
+            raise RuntimeError("TwoRegionActQuantizer.search() before any calibration data")
+        best = search_two_region(torch.cat(self.rows), weight.detach().float().cpu(), self.bits)
+        self.split.copy_(best["split"])
+        self.scale.copy_(best["scale1"].reshape(()))
+        self.zero_point.copy_(best["zp1"].reshape(()).to(torch.uint8))
+        self.scale2.copy_(best["scale2"].reshape(()))
+        self.m = best["m"]
+        self.rows = []
+        self.mode = "quant"
+        return best
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, two-region m={self.m}, mode={self.mode}"
 
 
 class _SQNRMeter:
@@ -231,12 +299,18 @@ class QuantLinear(QuantWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "input_transform", None) is not None:
             x = self.input_transform(x)
-        xq = self.input_quantizer(x) if self.input_quantizer is not None else x
         if _exporting() and self.weight_frozen:
             codes_t = self.w_codes.t().contiguous()
             w = onnx_dequantize_weight(codes_t, self.w_scale, self.w_zero_point, axis=1)
-            y = torch.matmul(xq, w)
+            if isinstance(self.input_quantizer, TwoRegionActQuantizer) and \
+                    self.input_quantizer.mode == "quant":
+                x1, x2 = self.input_quantizer.parts(x)
+                y = torch.matmul(x1, w) + torch.matmul(x2, w)
+            else:
+                xq = self.input_quantizer(x) if self.input_quantizer is not None else x
+                y = torch.matmul(xq, w)
             return y + self.bias if self.bias is not None else y
+        xq = self.input_quantizer(x) if self.input_quantizer is not None else x
         y = F.linear(xq, self.dequantized_weight(), self.bias)
         if self.sqnr.enabled:
             self.sqnr.add(F.linear(x, self.weight, self.bias), y)

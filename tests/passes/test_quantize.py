@@ -78,3 +78,76 @@ def test_ort_quantize_dynamic_needs_no_calibration(tmp_path, tiny_vit_files, mod
     r = _run(recipe, tmp_path / "out").report
     assert "DynamicQuantizeLinear" in r["export"]["op_histogram"] or \
         "MatMulInteger" in r["export"]["op_histogram"]
+
+
+def test_fast_int8_fused_attention_runs_integer_kernels_in_ort(tmp_path, tiny_vit_files):
+    """Fast INT8: weight matmuls QDQ, attention one float MultiHeadAttention node; ORT fuses
+    the QDQ matmuls into integer kernels and matches the torch simulation."""
+    from compress.export.ort import make_session
+
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "attention_matmuls": False, "fused_attention": True,
+        "activations": {"observer": "mse"}, "weights": {"observer": "mse"}}])
+    recipe["evaluation"]["latency"] = {"enabled": False}
+    result = _run(recipe, tmp_path / "out")
+    r = result.report
+    ops = r["export"]["op_histogram"]
+    assert ops["com.microsoft::MultiHeadAttention"] == 6
+    assert "Softmax" not in ops
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    assert r["passes"][0]["summary"]["fused_attention"] == 6
+    assert r["metrics"]["compressed"]["top1_agreement"] >= 0.9
+    opt = tmp_path / "opt.onnx"
+    make_session(result.model_path, threads=1, optimized_path=opt)
+    fused = onnx.load(str(opt))
+    kinds = [n.op_type for n in fused.graph.node]
+    assert kinds.count("MatMulIntegerToFloat") + kinds.count("QLinearMatMul") >= 24
+    assert "MatMul" not in kinds  # no float weight matmul left
+
+
+def test_fused_attention_needs_float_attention_matmuls(tiny_vit_files):
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[{
+            "type": "quantize", "fused_attention": True}]))
+    assert "passes.0.fused_attention" in str(e.value.errors)
+
+
+def test_opt_m_two_region_exports_exactly(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "attention_matmuls": False, "fused_attention": True,
+        "activations": {"opt_m": True}}])
+    recipe["evaluation"]["latency"] = {"enabled": False}
+    r = _run(recipe, tmp_path / "out").report
+    assert r["passes"][0]["summary"]["opt_m_layers"] == 6  # every blocks.N.mlp.fc2
+    layers = {row["name"]: row for row in r["layers"]}
+    assert "opt_m_m" in layers["blocks.0.mlp.fc2"]
+    assert "opt_m_m" not in layers["blocks.0.mlp.fc1"]
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    # fc2 runs as two integer matmuls: 6 more QuantizeLinear than without OPT-m
+    assert r["export"]["op_histogram"]["QuantizeLinear"] >= 24 + 6
+
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.mark.slow
+def test_digits_vit_fast_int8_drop(tmp_path, digits_reference):
+    result = compress(RECIPES / "digits_vit_int8_fast.yaml", out_dir=tmp_path,
+                      overrides=["evaluation.latency.enabled=false"])
+    r = result.report
+    assert r["metrics"]["drop"]["top1_points"] <= 0.2
+    assert r["export"]["op_histogram"]["com.microsoft::MultiHeadAttention"] == 4
+    assert result.gate_passed
+
+
+@pytest.mark.slow
+def test_minilm_fast_int8_cosine(tmp_path):
+    result = compress(RECIPES / "minilm_int8_fast.yaml", out_dir=tmp_path,
+                      overrides=["evaluation.latency.enabled=false"])
+    r = result.report
+    assert r["metrics"]["compressed"]["cosine_mean"] >= 0.995
+    assert r["export"]["op_histogram"]["com.microsoft::MultiHeadAttention"] == 6
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+    assert result.gate_passed

@@ -50,3 +50,30 @@ def test_ste_passes_gradient():
     x = torch.randn(10, requires_grad=True)
     fake_quantize(x, torch.tensor(0.1), torch.tensor(0.0), -128, 127, ste=True).sum().backward()
     assert torch.equal(x.grad, torch.ones(10))
+
+
+def test_two_region_search_beats_single_scale_on_post_gelu_tail():
+    import torch.nn.functional as F
+
+    from compress.quant.functional import (
+        affine_qparams,
+        fake_quantize,
+        search_two_region,
+        two_region_fake_quantize,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    x = F.gelu(torch.randn(512, 64, generator=g) * 1.5)
+    x[::37, 5] += 40  # long tail
+    w = torch.randn(32, 64, generator=g) / 8
+    for bits in (8, 4):
+        best = search_two_region(x, w, bits)
+        s, zp = affine_qparams(x.min(), x.max(), bits)
+        single = fake_quantize(x, s, zp.float(), 0, 2 ** bits - 1)
+        err_single = float(((single - x) @ w.T).pow(2).mean())
+        x1, x2 = two_region_fake_quantize(x, best["split"], best["scale1"], best["zp1"].float(),
+                                          best["scale2"], bits)
+        err = float(((x1 + x2 - x) @ w.T).pow(2).mean())
+        assert abs(err - best["error"]) < 1e-6 * max(err, 1)
+        assert err < 0.5 * err_single
+        assert best["scale2"] / best["scale1"] == 2 ** best["m"]

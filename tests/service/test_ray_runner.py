@@ -87,18 +87,20 @@ def ray_settings(tmp_path, db_url, address, **kw):
     return make_settings(tmp_path, db_url, runner="ray", ray_address=address, **kw)
 
 
-def running_on_ray(client, job_id: str, attempt: int = 1, timeout: float = 90) -> tuple[int, int]:
-    """Wait for the job's latency stage on the given attempt: (Ray worker pid, job pid)."""
+def running_on_ray(client, job_id: str, attempt: int = 1, timeout: float = 90,
+                   stage: str | None = "latency") -> tuple[int, int]:
+    """Wait for the job's ``stage`` (None: any) on the given attempt: (Ray worker pid, job pid)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.app.state.store.get("tenant-a", job_id)
         if (job.state == "running" and job.attempts == attempt and job.pid
-                and job.stage == "latency"):
+                and (stage is None or job.stage == stage)):
             log = client.get(f"/v1/jobs/{job_id}/log", headers=AUTH_A).text
             m = re.findall(r"job (?:\w+): process (\d+) started", log)
-            return job.pid, int(m[-1])
+            if m:
+                return job.pid, int(m[-1])
         time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never reached its latency stage on attempt {attempt}")
+    raise AssertionError(f"job {job_id} never reached stage {stage} on attempt {attempt}")
 
 
 @pytest.mark.slow
@@ -183,3 +185,18 @@ def test_killed_ray_worker_retries_or_fails_and_nothing_is_lost(tmp_path, ray_cl
         assert job["state"] == "cancelled" and job["attempts"] == 1
         assert process_gone(child)
         os.kill(worker, 0)  # the Ray worker is still there for the next job
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_job_timeout_on_ray_kills_the_job_and_fails_it(tmp_path, ray_cluster, onnx_job_files):
+    settings = ray_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", ray_cluster,
+                            job_timeout_s=4.0, workers=1)
+    with running_service(settings) as c:
+        slow = submit(c, onnx_job_files, onnx_recipe(latency=SLOW_LATENCY), model="slow")
+        worker, child = running_on_ray(c, slow, stage=None)
+        job = wait_for(c, slow, timeout=60)
+        assert job["state"] == "failed" and job["error"]["type"] == "TimeoutError"
+        assert "job_timeout_s=4" in job["message"] and job["attempts"] == 1
+        assert process_gone(child)
+        os.kill(worker, 0)  # the job's process was stopped, not its Ray worker
