@@ -48,6 +48,7 @@ def run_variant(model: str, name: str, args, out: Path) -> dict:
         sets.append(f"passes.0.distillation.batch_size={args.batch_size}")
     if args.lr:
         sets.append(f"passes.0.distillation.lr={args.lr}")
+    sets += args.set
     t = time.perf_counter()
     result = compress(RECIPES[model], out_dir=out / name, overrides=sets)
     r = result.report
@@ -60,7 +61,7 @@ def run_variant(model: str, name: str, args, out: Path) -> dict:
            "onnx_bytes": r["size"]["compressed_bytes"], "fp32_bytes": r["size"]["original_bytes"],
            "packed_bytes": s.get("packed_weights", {}).get("file_bytes"),
            "bits_per_weight": s["bits_per_weight"], "binary_ops": s["binary_ops"],
-           "latency": r["latency"], "history": d and [d.get("first"), d.get("last")]}
+           "latency": r["latency"], "parity": r["export"]["parity"], "history": d and [d.get("first"), d.get("last")]}
     return row
 
 
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--latency", action="store_true")
+    p.add_argument("--set", action="append", default=[], help="extra recipe KEY=VALUE")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "binarize"))
     args = p.parse_args()
     out = Path(args.out) / args.model
