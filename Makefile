@@ -45,7 +45,7 @@ bench: setup
 lock:
 	rm -rf .lockenv && $(PYTHON) -m venv .lockenv
 	.lockenv/bin/pip install --quiet --upgrade "pip>=24"
-	.lockenv/bin/pip install --quiet ".[service,dev]"
+	.lockenv/bin/pip install --quiet ".[service,ray,dev]"
 	.lockenv/bin/pip freeze --exclude compress > requirements.lock
 	rm -rf .lockenv
 
