@@ -58,6 +58,8 @@ def ort_static_transformer_safe(bench: Bench, out: Path) -> Variant:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
+    from compress.export.ort import make_session
+
     pre = out / "ort_pre_safe.onnx"
     dst = out / "ort_static_safe.onnx"
     t = time.perf_counter()
