@@ -73,6 +73,20 @@ def _is_layer_type(pattern: str) -> bool:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``; an input step the old layer carried moves to ``new``.
+
+    SQ-b on post-LN BERT leaves an explicit per-channel step (``input_transform``, applied by
+    a forward pre-hook) on the Linear layers it smoothed. Every pass swaps layers through here,
+    so a quantized replacement keeps applying it instead of silently dropping it. Layers that
+    apply ``input_transform`` themselves (QuantLinear) take it in their constructor.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    transform = getattr(old, "input_transform", None)
+    if transform is not None and getattr(new, "input_transform", None) is None:
+        from .quant.modules import apply_input_transform
+
+        new.input_transform = transform
+        new.register_forward_pre_hook(apply_input_transform)
     setattr(parent, child, new)
