@@ -16,7 +16,9 @@ RATE_DENOM = 1000  # keep rates are applied as integer fractions of 1000 (export
 def keep_count(n, keep_rate: float):
     """ceil(keep_rate * n) with integer ops only (``n`` may be a symbolic shape)."""
     num = int(round(keep_rate * RATE_DENOM))
-    return (n * num + RATE_DENOM - 1) // RATE_DENOM
+    k = (n * num + RATE_DENOM - 1) // RATE_DENOM
+    # k <= n always; saying so spares torch.export's shape solver an inequality it can fail on.
+    return torch.sym_min(k, n) if isinstance(n, torch.SymInt) else min(k, n)
 
 
 def class_attention(probs: torch.Tensor, protected: int) -> torch.Tensor:
