@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Annotated
 
+from pydantic import AfterValidator, ValidationInfo
 from torch import nn
 
 from .errors import RecipeError
@@ -31,6 +33,15 @@ def check_patterns(patterns: Iterable[str], field: str) -> None:
                 re.compile(p[3:])
             except re.error as e:
                 raise ValueError(f"{field}[{i}] {p!r} is not a valid regex: {e}") from None
+
+
+def _validate_patterns(patterns: list[str], info: ValidationInfo) -> list[str]:
+    check_patterns(patterns, info.field_name)
+    return patterns
+
+
+# A pass config's ``targets`` / ``ignore`` field: layer patterns, regexes checked on load.
+LayerPatterns = Annotated[list[str], AfterValidator(_validate_patterns)]
 
 
 def select_modules(model: nn.Module, targets: list[str], ignore: list[str],

@@ -98,8 +98,9 @@ def test_torch_pass_after_onnx_pass():
     assert "put torch passes first" in msg
 
 
-def test_invalid_regex_target():
-    (path, msg), = _errors({**BASE, "passes": [{"type": "quantize", "ignore": ["re:blocks.(("]}]})
+@pytest.mark.parametrize("pass_type", ["quantize", "smooth_quant", "weight_only", "binarize"])
+def test_invalid_regex_target(pass_type):
+    (path, msg), = _errors({**BASE, "passes": [{"type": pass_type, "ignore": ["re:blocks.(("]}]})
     assert path == "passes.0.ignore"
     assert "not a valid regex" in msg
 

@@ -13,7 +13,7 @@ import re
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..calibration import observe_activations
@@ -34,7 +34,7 @@ from ..quant.binary import (
 )
 from ..quant.modules import ActQuantizer, MatMul
 from ..registry import PassConfig, register_pass
-from ..targeting import check_patterns, select_modules, set_submodule
+from ..targeting import LayerPatterns, select_modules, set_submodule
 
 PACKED_FILE = "model.binary.safetensors"
 HEAD_NAMES = re.compile(r"(.*\.)?(head|classifier|lm_head|pooler(\..*)?)")
@@ -97,19 +97,13 @@ class BinarizeConfig(PassConfig):
     type: Literal["binarize"] = "binarize"
     level: Literal["W1A32", "W1A8", "W1A1"] = Field(
         "W1A32", description="W1A32: 1-bit weights; W1A8: + int8 inputs; W1A1: + sign inputs")
-    targets: list[str] = Field(default_factory=lambda: ["Linear"],
-                               description="class names, module names or re:<regex>")
-    ignore: list[str] = Field(default_factory=list, description="layers kept in float")
+    targets: LayerPatterns = Field(default_factory=lambda: ["Linear"],
+                                   description="class names, module names or re:<regex>")
+    ignore: LayerPatterns = Field(default_factory=list, description="layers kept in float")
     keep_head: bool = Field(True, description="keep the classifier / pooler in float (BiBERT)")
     bi_attention: bool = Field(False, description="BiBERT's Bi-Attention instead of softmax")
     distillation: DistillationSpec = Field(default_factory=DistillationSpec)
     export: BinaryExportSpec = Field(default_factory=BinaryExportSpec)
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _patterns(cls, v, info):
-        check_patterns(v, info.field_name)
-        return v
 
 
 def _needs_calibration(config: BinarizeConfig) -> bool:

@@ -18,7 +18,7 @@ from ..quant.modules import ActQuantizer, QuantLinear
 from ..quant.observers import make_observer
 from ..quant.weight_only import container_bits
 from ..registry import PassConfig, register_pass
-from ..targeting import _matches, check_patterns, select_modules, set_submodule
+from ..targeting import LayerPatterns, _matches, check_patterns, select_modules, set_submodule
 from .weight_only import check_block_sizes, collect_hessians, make_nbits, quantize_weight
 
 WBits = Literal[2, 3, 4, 5, 6, 8]
@@ -75,9 +75,9 @@ class MixedPrecisionConfig(PassConfig):
     """
 
     type: Literal["mixed_precision"] = "mixed_precision"
-    targets: list[str] = Field(default_factory=lambda: ["Linear"],
-                               description="Linear/Embedding: class, name or re:<regex>")
-    ignore: list[str] = Field(default_factory=list, description="layers kept in float")
+    targets: LayerPatterns = Field(default_factory=lambda: ["Linear"],
+                                   description="Linear/Embedding: class, name or re:<regex>")
+    ignore: LayerPatterns = Field(default_factory=list, description="layers kept in float")
     weight_bits: list[WBits] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8],
                                      description="candidate weight widths")
     act_bits: list[ABits] = Field(default_factory=lambda: [8],
@@ -94,12 +94,6 @@ class MixedPrecisionConfig(PassConfig):
     accuracy_level: Literal[0, 1, 4] = 4
     calibration_samples: int = Field(128, ge=1, description="Hessians and activation ranges")
     sensitivity_samples: int = Field(32, ge=1, description="samples per sensitivity")
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _patterns(cls, v, info):
-        check_patterns(v, info.field_name)
-        return v
 
     @field_validator("weight_bits", "act_bits")
     @classmethod

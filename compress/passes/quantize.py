@@ -22,7 +22,7 @@ from ..quant.modules import (
     TwoRegionActQuantizer,
 )
 from ..registry import PassConfig, register_pass
-from ..targeting import check_patterns, select_modules, set_submodule
+from ..targeting import LayerPatterns, select_modules, set_submodule
 
 
 class WeightQuant(BaseModel):
@@ -65,9 +65,9 @@ class QuantizeConfig(PassConfig):
     """
 
     type: Literal["quantize"] = "quantize"
-    targets: list[str] = Field(default_factory=lambda: ["Linear", "Conv2d"],
-                               description="class names, module names or re:<regex>")
-    ignore: list[str] = Field(default_factory=list, description="layers kept in float")
+    targets: LayerPatterns = Field(default_factory=lambda: ["Linear", "Conv2d"],
+                                   description="class names, module names or re:<regex>")
+    ignore: LayerPatterns = Field(default_factory=list, description="layers kept in float")
     weights: WeightQuant = Field(default_factory=WeightQuant)
     activations: ActivationQuant | None = Field(
         default_factory=ActivationQuant, description="null: weight-only quantization")
@@ -76,12 +76,6 @@ class QuantizeConfig(PassConfig):
         False, description="export attention as one float ORT MultiHeadAttention node (fast on "
         "CPU); needs attention_matmuls: false")
     sqnr_samples: int = Field(64, ge=1, description="calibration samples for per-layer SQNR")
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _patterns(cls, v, info):
-        check_patterns(v, info.field_name)
-        return v
 
     @field_validator("fused_attention")
     @classmethod

@@ -20,7 +20,7 @@ from ..quant.smoothing import (
     smoothing_factors,
 )
 from ..registry import PassConfig, register_pass
-from ..targeting import _matches, check_patterns
+from ..targeting import LayerPatterns, _matches
 
 ROWS_PER_GROUP = 4096  # calibration rows (tokens) kept per LayerNorm -> Linear group for alpha
 
@@ -52,8 +52,8 @@ class SmoothQuantConfig(PassConfig):
     shift: bool = Field(True, description="per-channel shift z (SQ-b); false: plain SmoothQuant")
     w_bits: int = Field(8, ge=2, le=8, description="weight bits the alpha search assumes")
     a_bits: int = Field(8, ge=2, le=8, description="activation bits the alpha search assumes")
-    ignore: list[str] = Field(default_factory=list,
-                              description="Linear names (or re:regex) left unsmoothed")
+    ignore: LayerPatterns = Field(default_factory=list,
+                                  description="Linear names (or re:regex) left unsmoothed")
 
     @field_validator("alpha")
     @classmethod
@@ -67,12 +67,6 @@ class SmoothQuantConfig(PassConfig):
     def _alphas(cls, v):
         if not v or any(not 0 <= a <= 1 for a in v):
             raise ValueError("alphas must be a non-empty list of values in [0, 1]")
-        return v
-
-    @field_validator("ignore")
-    @classmethod
-    def _patterns(cls, v, info):
-        check_patterns(v, info.field_name)
         return v
 
 

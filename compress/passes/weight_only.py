@@ -15,7 +15,7 @@ from ..quant.functional import sqnr_db
 from ..quant.nbits import NBitsEmbedding, NBitsLinear
 from ..quant.weight_only import GroupQuantized, HessianAccumulator, gptq, hqq, rtn
 from ..registry import PassConfig, register_pass
-from ..targeting import check_patterns, select_modules, set_submodule
+from ..targeting import LayerPatterns, select_modules, set_submodule
 
 Method = Literal["rtn", "gptq", "hqq"]
 
@@ -43,9 +43,9 @@ class WeightOnlyConfig(PassConfig):
     """
 
     type: Literal["weight_only"] = "weight_only"
-    targets: list[str] = Field(default_factory=lambda: ["Linear"],
-                               description="Linear and/or Embedding: class, name or re:<regex>")
-    ignore: list[str] = Field(default_factory=list, description="layers kept in float")
+    targets: LayerPatterns = Field(default_factory=lambda: ["Linear"],
+                                   description="Linear and/or Embedding: class, name or re:<regex>")
+    ignore: LayerPatterns = Field(default_factory=list, description="layers kept in float")
     bits: Literal[2, 3, 4, 5, 6, 8] = 4
     embedding_bits: Literal[2, 3, 4, 5, 6, 8] | None = Field(
         None, description="bits for Embedding layers (default: bits)")
@@ -60,12 +60,6 @@ class WeightOnlyConfig(PassConfig):
         4, description="MatMulNBits: 4 = int8 compute (fast), 0/1 = float compute")
     calibration_samples: int = Field(128, ge=1, description="GPTQ Hessian samples")
     safetensors: bool = Field(False, description="also write compressed-tensors/ safetensors")
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _patterns(cls, v, info):
-        check_patterns(v, info.field_name)
-        return v
 
     @field_validator("block_size")
     @classmethod
