@@ -196,11 +196,17 @@ def _require_vit(handle: ModelHandle, ctx: PassContext):
             "text_token_prune for text encoders")
 
 
+def _auto_needs_data(config) -> bool:
+    """An automatic schedule with a fidelity target measures it on calibration data."""
+    auto = config.auto
+    return auto is not None and (auto.max_accuracy_drop is not None
+                                 or auto.min_cosine is not None)
+
+
 # --------------------------------------------------------------------------- tome
 
 
-@register_pass(TomeConfig, needs_calibration=lambda c: c.auto is not None and (
-    c.auto.max_accuracy_drop is not None or c.auto.min_cosine is not None))
+@register_pass(TomeConfig, needs_calibration=_auto_needs_data)
 def tome(model: ModelHandle, config: TomeConfig, ctx: PassContext) -> None:
     _require_vit(model, ctx)
     check_auto(config.auto, model, ctx)
@@ -242,8 +248,7 @@ def tome(model: ModelHandle, config: TomeConfig, ctx: PassContext) -> None:
 # --------------------------------------------------------------------------- evit
 
 
-@register_pass(EvitConfig, needs_calibration=lambda c: c.auto is not None and (
-    c.auto.max_accuracy_drop is not None or c.auto.min_cosine is not None))
+@register_pass(EvitConfig, needs_calibration=_auto_needs_data)
 def evit(model: ModelHandle, config: EvitConfig, ctx: PassContext) -> None:
     _require_vit(model, ctx)
     check_auto(config.auto, model, ctx)
@@ -333,8 +338,7 @@ def text_counts(n: int, plan: dict[int, float], depth: int, fuse: bool) -> list[
     return counts
 
 
-@register_pass(TextTokenPruneConfig, needs_calibration=lambda c: c.auto is not None and (
-    c.auto.max_accuracy_drop is not None or c.auto.min_cosine is not None))
+@register_pass(TextTokenPruneConfig, needs_calibration=_auto_needs_data)
 def text_token_prune(model: ModelHandle, config: TextTokenPruneConfig, ctx: PassContext) -> None:
     from ..patch.text_tokens import _encoder_parts, patch_text
 
