@@ -161,3 +161,12 @@ def test_every_pass_docstring_recipe_snippet_validates():
         indent = len(lines[0]) - len(lines[0].lstrip())
         passes = yaml.safe_load("\n".join(ln[indent:] for ln in lines))
         parse_recipe({**BASE, "passes": passes})
+
+
+@pytest.mark.parametrize("extra", [{"type": "weight_only"},
+                                   {"type": "mixed_precision",
+                                    "budget": {"avg_weight_bits": 4.5}}])
+def test_block_size_must_be_a_power_of_two(extra):
+    (path, msg), = _errors({**BASE, "passes": [{**extra, "block_size": 24}]})
+    assert path == "passes.0.block_size"
+    assert "power of two" in msg

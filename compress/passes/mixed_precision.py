@@ -19,7 +19,7 @@ from ..quant.observers import make_observer
 from ..quant.weight_only import container_bits
 from ..registry import PassConfig, register_pass
 from ..targeting import LayerPatterns, _matches, check_patterns, select_modules, set_submodule
-from .weight_only import check_block_sizes, collect_hessians, make_nbits, quantize_weight
+from .weight_only import BlockSize, check_block_sizes, collect_hessians, make_nbits, quantize_weight
 
 WBits = Literal[2, 3, 4, 5, 6, 8]
 ABits = Literal[4, 6, 8]
@@ -88,7 +88,7 @@ class MixedPrecisionConfig(PassConfig):
                                           "act_bits} | null (float)}")
     metric: Literal["auto", "cosine", "kl", "rel_error", "top1"] = Field(
         "auto", description="output error; auto: cosine for embeddings, kl for logits")
-    block_size: int = Field(32, description="weight block size below 8 bits (power of two)")
+    block_size: BlockSize = Field(32, description="weight block size below 8 bits (power of two)")
     symmetric: bool = False
     method: Literal["rtn", "gptq", "hqq"] = "gptq"
     accuracy_level: Literal[0, 1, 4] = 4
@@ -101,13 +101,6 @@ class MixedPrecisionConfig(PassConfig):
         if info.field_name == "weight_bits" and not v:
             raise ValueError("weight_bits needs at least one width")
         return sorted(set(v), reverse=True)
-
-    @field_validator("block_size")
-    @classmethod
-    def _block(cls, v):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {v}")
-        return v
 
     @field_validator("overrides")
     @classmethod

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 from torch import nn
 
 from ..context import PassContext
@@ -18,6 +18,16 @@ from ..registry import PassConfig, register_pass
 from ..targeting import LayerPatterns, select_modules, set_submodule
 
 Method = Literal["rtn", "gptq", "hqq"]
+
+
+def _power_of_two_block(v: int) -> int:
+    if v < 16 or v & (v - 1):
+        raise ValueError("block_size must be a power of two >= 16 (MatMulNBits)")
+    return v
+
+
+# Columns per scale in MatMulNBits / GatherBlockQuantized.
+BlockSize = Annotated[int, AfterValidator(_power_of_two_block)]
 
 
 class WeightOnlyConfig(PassConfig):
@@ -49,7 +59,7 @@ class WeightOnlyConfig(PassConfig):
     bits: Literal[2, 3, 4, 5, 6, 8] = 4
     embedding_bits: Literal[2, 3, 4, 5, 6, 8] | None = Field(
         None, description="bits for Embedding layers (default: bits)")
-    block_size: int = Field(32, description="columns per scale; a power of two >= 16")
+    block_size: BlockSize = Field(32, description="columns per scale; a power of two >= 16")
     symmetric: bool = Field(False, description="false: a zero point per block")
     method: Method = "gptq"
     act_order: bool = Field(False, description="GPTQ: quantize columns by decreasing Hessian "
@@ -60,13 +70,6 @@ class WeightOnlyConfig(PassConfig):
         4, description="MatMulNBits: 4 = int8 compute (fast), 0/1 = float compute")
     calibration_samples: int = Field(128, ge=1, description="GPTQ Hessian samples")
     safetensors: bool = Field(False, description="also write compressed-tensors/ safetensors")
-
-    @field_validator("block_size")
-    @classmethod
-    def _block(cls, v):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"block_size must be a power of two >= 16 (MatMulNBits), got {v}")
-        return v
 
 
 def check_block_sizes(layers: dict[str, nn.Module], block: int, field: str) -> None:
