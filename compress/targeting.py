@@ -26,7 +26,8 @@ def _matches(pattern: str, name: str, module: nn.Module) -> bool:
 
 
 def check_patterns(patterns: Iterable[str], field: str) -> None:
-    """Raise RecipeError for regexes that do not compile (called by config validators)."""
+    """Raise ValueError for regexes that do not compile; recipe validation reports it as a
+    RecipeError at the field's path."""
     for i, p in enumerate(patterns):
         if p.startswith("re:"):
             try:
