@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..quant.modules import MatMul
+from .mixin import mix_into
 
 
 class AttentionProbe(nn.Module):
@@ -127,19 +128,9 @@ class ExplicitBertSelfAttention(nn.Module):
         return ctx, probs
 
 
-_EXPLICIT_CLASSES: dict[type, type] = {}
-
-
 def _swap_class(module: nn.Module, mixin: type) -> None:
-    base = type(module)
-    if issubclass(base, mixin):
-        return
-    cls = _EXPLICIT_CLASSES.get(base)
-    if cls is None:
-        cls = type(f"Explicit{base.__name__}", (mixin, base), {})
-        _EXPLICIT_CLASSES[base] = cls
-    module.__class__ = cls
-    _add_submodules(module)
+    if mix_into(module, mixin, "Explicit"):
+        _add_submodules(module)
 
 
 def make_attention_explicit(model: nn.Module) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .mixin import mix_into
 
 
 def _exporting() -> bool:
@@ -84,9 +85,6 @@ class FusedBertSelfAttention(nn.Module):
         return ctx, None
 
 
-_FUSED_CLASSES: dict[type, type] = {}
-
-
 def _original_class(m: nn.Module) -> type:
     from .attention import ExplicitBertSelfAttention, ExplicitTimmAttention
 
@@ -99,12 +97,7 @@ def _original_class(m: nn.Module) -> type:
 
 
 def _swap(m: nn.Module, mixin: type) -> None:
-    base = _original_class(m)
-    cls = _FUSED_CLASSES.get(base)
-    if cls is None:
-        cls = type(f"Fused{base.__name__}", (mixin, base), {})
-        _FUSED_CLASSES[base] = cls
-    m.__class__ = cls
+    mix_into(m, mixin, "Fused", base=_original_class(m))
 
 
 def fuse_attention(model: nn.Module) -> list[str]:

@@ -20,6 +20,7 @@ from ..errors import UnsupportedModelError
 from ..models.handle import SentenceEmbedder
 from ..tokens.prune import keep_count, received_attention, topk_keep
 from .attention import make_attention_explicit
+from .mixin import mix_into
 
 MASK_VALUE = -1e4  # additive mask for padding (finite: stays finite through QDQ and ORT)
 
@@ -74,9 +75,6 @@ class TokenPrunedEmbedder(nn.Module):
         return pooled
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def patch_text(embedder: nn.Module, plan: dict[int, float], sep_id: int, fuse: bool = True,
                prop_attn: bool = True) -> None:
     """Prune tokens at ``plan``'s layers (``{layer index: keep rate}``) of a SentenceEmbedder."""
@@ -87,12 +85,6 @@ def patch_text(embedder: nn.Module, plan: dict[int, float], sep_id: int, fuse: b
     if bad:
         raise ValueError(f"layers {bad} not in 0..{len(layers) - 1}")
     make_attention_explicit(embedder)
-    base = type(embedder)
-    if not issubclass(base, TokenPrunedEmbedder):
-        cls = _CLASSES.get(base)
-        if cls is None:
-            cls = type(f"TokenPruned{base.__name__}", (TokenPrunedEmbedder, base), {})
-            _CLASSES[base] = cls
-        embedder.__class__ = cls
+    mix_into(embedder, TokenPrunedEmbedder, "TokenPruned")
     embedder._token_pruning = {"plan": dict(plan), "sep_id": int(sep_id), "fuse": fuse,
                                "prop_attn": prop_attn}

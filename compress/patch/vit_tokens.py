@@ -19,8 +19,7 @@ from ..errors import UnsupportedModelError
 from ..tokens.merge import bipartite_soft_matching, merge_wavg
 from ..tokens.prune import class_attention, keep_count, topk_keep
 from .attention import make_attention_explicit
-
-_CLASSES: dict[type, type] = {}
+from .mixin import mix_into
 
 
 def _check(model: nn.Module) -> None:
@@ -103,13 +102,7 @@ def patch_vit(model: nn.Module, plan: list, prop_attn: bool = True) -> None:
     if len(plan) != len(model.blocks):
         raise ValueError(f"plan has {len(plan)} entries for {len(model.blocks)} blocks")
     make_attention_explicit(model)
-    base = type(model)
-    if not issubclass(base, TokenReducedViT):
-        cls = _CLASSES.get(base)
-        if cls is None:
-            cls = type(f"TokenReduced{base.__name__}", (TokenReducedViT, base), {})
-            _CLASSES[base] = cls
-        model.__class__ = cls
+    mix_into(model, TokenReducedViT, "TokenReduced")
     model._token_reduction = {"plan": list(plan), "prop_attn": prop_attn}
 
 
@@ -155,13 +148,7 @@ def patch_expedit(model: nn.Module, location: int, clusters: tuple[int, int], it
     grid = tuple(model.patch_embed.grid_size)
     if grid[0] % clusters[0] or grid[1] % clusters[1]:
         raise ValueError(f"patch grid {grid} does not divide by clusters {clusters}")
-    base = type(model)
-    if not issubclass(base, ExpeditViT):
-        cls = _CLASSES.get(("expedit", base))
-        if cls is None:
-            cls = type(f"Expedit{base.__name__}", (ExpeditViT, base), {})
-            _CLASSES[("expedit", base)] = cls
-        model.__class__ = cls
+    mix_into(model, ExpeditViT, "Expedit")
     model._expedit = {"location": location, "grid": grid, "clusters": tuple(clusters),
                       "iters": iters, "tau": tau, "window": window, "k": k}
 
