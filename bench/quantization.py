@@ -9,6 +9,7 @@ Writes bench/results/quantization/{results.json,results.md}; BENCHMARKS.md quote
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -34,7 +35,6 @@ from bench.common import (  # noqa: E402
 from compress.report.builder import cpu_name, environment_info  # noqa: E402
 
 try:  # load average at start, for the BENCHMARKS.md machine line
-    import os
     LOAD = os.getloadavg()
 except OSError:
     LOAD = None
@@ -85,10 +85,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ours", default="fast,w8a8", help="our recipes to include: fast, w8a8")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantization"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime threads for timing (default: every core this process may use)")
+    ap.add_argument("--timing-cores", default=None, help=(
+        "comma-separated CPU ids to pin timing to (builds use every core), e.g. 2,3 to time "
+        "'2 cores' on a larger machine; threads default to their count"))
     args = ap.parse_args()
+    all_cores = os.sched_getaffinity(0)
+    timing_cores = {int(c) for c in args.timing_cores.split(",")} if args.timing_cores else None
+    if timing_cores and not args.threads:
+        args.threads = len(timing_cores)
     results = {"environment": environment_info(), "command": " ".join(sys.argv), "models": {}}
-    md = [f"Machine: {cpu_name()}, {platform.machine()}, "
-          f"{results['environment']['cpu_threads_available']} threads; "
+    env = results["environment"]
+    md = [f"Machine: {cpu_name()} ({', '.join(env['cpu_int8_features']) or 'no AVX2'}), "
+          f"{platform.machine()}, {env['cpu_threads_available']} threads available, "
+          f"{args.threads or env['cpu_threads_available']} used by ONNX Runtime"
+          f"{f' pinned to cores {args.timing_cores}' if args.timing_cores else ''}; "
           f"onnxruntime {results['environment']['versions']['onnxruntime']}; "
           f"load average at start {LOAD}.\n"]
     for key in args.models.split(","):
@@ -109,7 +121,10 @@ def main() -> None:
                 print(f"{key}: {peer.__name__} failed: {e}", file=sys.stderr)
         t = time.time()
         evaluate_variants(bench)
-        time_variants(bench, args.repeats)
+        if timing_cores:  # ORT's pool threads inherit the affinity of the creating thread
+            os.sched_setaffinity(0, timing_cores)
+        time_variants(bench, args.repeats, threads=args.threads)
+        os.sched_setaffinity(0, all_cores)
         md.append(f"### {key}\n\n{table(bench)}\n")
         results["models"][key] = {v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1),
                                            **v.metrics} for v in bench.variants}

@@ -37,6 +37,7 @@ from .errors import (
 from .evaluate.gate import describe_failure, gate_checks
 from .evaluate.metrics import output_agreement, task_metrics
 from .export.onnx import export_onnx, onnx_files, onnx_size_bytes, op_histogram
+from .export.ort_lowering import lower_file
 from .export.ort import default_threads, make_session, measure_latencies, predict_onnx
 from .models import ModelHandle, load_model
 from .paths import resolve_path
@@ -267,9 +268,11 @@ class Pipeline:
             self._copy_onnx(self.fp32_path, self.model_onnx)
             return
         self._export(self.model_onnx)
+        ex = self.recipe.export
+        if ex.ort_cpu_kernels:
+            self.lowered = lower_file(self.model_onnx)
         # ORT must agree with the torch model it came from, at several batch sizes.
         sess = make_session(self.model_onnx)
-        ex = self.recipe.export
         for bs in ex.verify_batch_sizes:
             sample = self.eval.take(min(bs, len(self.eval)))
             ref = predict_torch(self.handle, sample, bs, self.device)
@@ -365,6 +368,7 @@ class Pipeline:
             "latency": self.latency_result,
             "export": {"opset": self.recipe.export.opset, "artifacts": artifacts,
                        "parity": self.parity, "op_histogram": op_histogram(self.model_onnx),
+                       "ort_cpu_kernels": getattr(self, "lowered", None),
                        "files": [f.name for f in onnx_files(self.model_onnx)]},
             "plots": plots,
             "stages": self.stages,

@@ -133,5 +133,11 @@ class ExportSpec(StrictModel):
         default_factory=lambda: [1, 3],
         description="batch sizes at which ORT output is checked against torch")
     keep_fp32: bool = Field(True, description="keep model.fp32.onnx beside the compressed model")
+    ort_cpu_kernels: bool = Field(
+        False, description="after export, write ONNX Runtime's CPU integer kernels directly: "
+        "each Q/DQ MatMul ORT would run as MatMulIntegerToFloat gets its bias folded in, and "
+        "each layer's q/k/v projections + fused attention become one QAttention (one int8 GEMM, "
+        "no split). Same arithmetic as ORT's own Q/DQ fusion, fewer passes over the activations; "
+        "the file then runs in ONNX Runtime only")
     parity_min_cosine: float = Field(
         0.99, ge=0, le=1, description="ORT vs torch agreement below which export fails")

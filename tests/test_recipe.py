@@ -44,10 +44,10 @@ def test_unknown_field_is_named_with_its_path():
 
 
 def test_bad_bits_names_field_and_value():
-    data = {**BASE, "passes": [{"type": "quantize", "weights": {"bits": 7}}]}
+    data = {**BASE, "passes": [{"type": "quantize", "weights": {"bits": 9}}]}
     (path, msg), = _errors(data)
     assert path == "passes.0.weights.bits"
-    assert "got 7" in msg
+    assert "got 9" in msg
 
 
 def test_unknown_pass_type_suggests_the_close_one():

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..context import PassContext
 from ..errors import DataError
-from ..export.ort import feed_for, make_session
+from ..export.ort import feed_for, make_session, u8s8_saturates
 from ..models.handle import ModelHandle
 from ..registry import PassConfig, register_pass
 
@@ -42,6 +42,9 @@ class OrtQuantizeConfig(PassConfig):
     quantize_outputs: bool = Field(False, description="also quantize MatMul/Gemm outputs")
     nodes_to_exclude: list[str] = Field(default_factory=list, description="ONNX node names")
     calibration_samples: int = Field(128, ge=1)
+    reduce_range: bool | None = Field(
+        None, description="ORT's reduce_range (7-bit weights); null: on where this machine's "
+        "CPU lacks VNNI/AMX and ORT's u8s8 kernel would saturate full-range weights")
 
 
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -106,11 +109,12 @@ def ort_quantize(model: ModelHandle, config: OrtQuantizeConfig, ctx: PassContext
     extra = {} if config.quantize_outputs else {
         "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
     out = ctx.workdir / f"pass{ctx.index}_q.onnx"
+    reduce = u8s8_saturates() if config.reduce_range is None else config.reduce_range
     ctx.progress(0.1, f"{config.mode} quantization")
     if config.mode == "dynamic":
         quantize_dynamic(str(pre), str(out), per_channel=config.per_channel,
                          weight_type=QuantType.QInt8, op_types_to_quantize=list(config.op_types),
-                         nodes_to_exclude=exclude)
+                         nodes_to_exclude=exclude, reduce_range=reduce)
     else:
         if ctx.calib is None:
             raise DataError(f"passes.{ctx.index} (ort_quantize, static) needs calibration data")
@@ -124,9 +128,10 @@ def ort_quantize(model: ModelHandle, config: OrtQuantizeConfig, ctx: PassContext
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
                         op_types_to_quantize=list(config.op_types), nodes_to_exclude=exclude,
-                        extra_options=extra)
+                        extra_options=extra, reduce_range=reduce)
     shutil.copyfile(out, src)
     q = onnx.load(str(src), load_external_data=False)
     n_q = sum(1 for n in q.graph.node if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"))
     ctx.report.summary.update(mode=config.mode, calibrate_method=config.calibrate_method,
+                              reduce_range=reduce,
                               excluded_nodes=len(exclude), quantize_nodes=n_q)

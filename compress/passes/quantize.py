@@ -10,6 +10,7 @@ from torch import nn
 
 from ..calibration import measure_layer_sqnr, observe_activations
 from ..context import PassContext
+from ..export.ort import u8s8_saturates
 from ..models.handle import ModelHandle
 from ..patch.attention import explicit_attention_modules, make_attention_explicit
 from ..patch.fused_attention import fuse_attention
@@ -27,8 +28,12 @@ from ..targeting import LayerPatterns, select_modules, set_submodule
 
 class WeightQuant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    bits: Literal[2, 3, 4, 5, 6, 8] = Field(
+    bits: Literal[2, 3, 4, 5, 6, 7, 8] = Field(
         8, description="8 runs as int8 in ORT; fewer bits are simulated in int8 (same size)")
+    reduce_range: bool | None = Field(
+        None, description="8-bit weights with codes within +-63 (ORT's reduce_range), which "
+        "ORT's AVX2 u8s8 kernel multiplies without int16 saturation. null: on when this "
+        "machine's CPU lacks VNNI/AMX, so the accuracy measured here is what ORT delivers here")
     granularity: Literal["channel"] = Field("channel", description="per output channel")
     symmetric: Literal[True] = True
     observer: Literal["minmax", "mse", "cosine", "percentile"] = Field(
@@ -97,6 +102,12 @@ def new_act_quantizer(spec: ActivationQuant | None, name: str = "") -> ActQuanti
     return ActQuantizer(spec.bits, spec.symmetric, spec.observer, spec.percentile)
 
 
+def effective_weight_bits(spec: WeightQuant) -> int:
+    """Code width actually used: 8-bit weights become 7-bit under reduce_range."""
+    reduce = u8s8_saturates() if spec.reduce_range is None else spec.reduce_range
+    return 7 if spec.bits == 8 and reduce else spec.bits
+
+
 def ignored(name: str, patterns: list[str], module: nn.Module) -> bool:
     from ..targeting import _matches
 
@@ -108,10 +119,11 @@ def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str) -> dict[s
     chosen = select_modules(model, config.targets, config.ignore, (nn.Linear, nn.Conv2d),
                             field_prefix=prefix)
     wrapped = {}
+    bits = effective_weight_bits(config.weights)
     for name, layer in chosen.items():
         act = new_act_quantizer(config.activations, name)
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
-        q = cls(layer, config.weights.bits, act)
+        q = cls(layer, bits, act)
         set_submodule(model, name, q)
         wrapped[name] = q
     return wrapped
@@ -151,10 +163,11 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
                 opt_m[name] = best
                 ctx.report.add_layer(name, opt_m_split=round(float(best["split"]), 4),
                                      opt_m_m=best["m"])
+    w_bits = effective_weight_bits(config.weights)
     for q in layers.values():
         wobs = config.weights.observer
         q.quantize_weight(None if wobs == "minmax" else
-                          search_weight_scale(q.weight, config.weights.bits, wobs))
+                          search_weight_scale(q.weight, w_bits, wobs))
     ctx.progress(0.9, "measuring per-layer SQNR")
     sqnr = measure_layer_sqnr(model, ctx, config.sqnr_samples)
     a_bits = config.activations.bits if config.activations else None
@@ -169,6 +182,6 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
     ctx.report.summary.update(
         quantized_layers=len(layers), quantized_matmuls=len(matmuls),
         fused_attention=len(fused), opt_m_layers=len(opt_m),
-        weight_bits=config.weights.bits, act_bits=a_bits,
+        weight_bits=config.weights.bits, weight_code_bits=w_bits, act_bits=a_bits,
         observer=config.activations.observer if config.activations else None,
         min_sqnr_db=min(sqnr.values()) if sqnr else None)

@@ -28,6 +28,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide how fast and how exact ORT's int8 kernels are.
+INT8_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    from ..export.ort import cpu_flags
+
+    flags = cpu_flags()
+    return [x for x in INT8_CPU_FEATURES if x in flags]
+
+
 def environment_info() -> dict:
     import torch
 
@@ -38,6 +49,7 @@ def environment_info() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": cpu_name(),
+        "cpu_int8_features": cpu_features(),
         "cpu_threads_available": default_threads(),
         "gpu": gpu,
         "versions": {m: _version(m) for m in (
