@@ -155,7 +155,9 @@ def _search(config: ExpeditConfig, model: ModelHandle, ctx: PassContext, grid, d
     # Anchor first: location ``depth`` never clusters (the original forward), so the weakest
     # candidate passes by definition, as search_strength assumes.
     anchor = (depth, grid)
-    ordered = [anchor] + sorted(cands, key=lambda c: (speed(c), -c[0]))
+    # Candidates whose clustering costs more than it saves are left out.
+    ordered = [anchor] + sorted((c for c in cands if speed(c) > 1.0),
+                                key=lambda c: (speed(c), -c[0]))
     apply(anchor)
     ok = fidelity_check(model, ctx, config.auto, "auto")
     check = None if ok is None else (lambda c: ok(lambda: apply(c)))
