@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # model key: (recipe, batch sizes timed, settings; the first is the recipe's own)
 MODELS = {
     "digits": ("digits_vit_expedit.yaml", [8, 64], [
+        dict(location=0, clusters=(4, 4)),
         dict(location=1, clusters=(4, 4)),
         dict(location=1, clusters=(6, 6)),
         dict(location=2, clusters=(4, 4)),
-        dict(location=0, clusters=(4, 4)),
         dict(location=1, clusters=(3, 3)),
         dict(location=1, clusters=(4, 4), tau=0.01),
     ]),
