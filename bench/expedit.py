@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/expedit.py [--models digits,deit] [--latency] [--repeats 20]
 For each model (its bundled ``*_expedit.yaml`` recipe: token map output, reference data) every
-setting in SETTINGS is applied to a fresh copy of the model and scored on the evaluation set
+setting listed in MODELS is applied to a fresh copy of the model and scored on the evaluation set
 against the original float model: per-token cosine (mean and worst over samples, worst token),
 relative L2 error, and the estimated speed-up of the transformer from token counts (MACs,
 clustering included). These numbers are deterministic. With ``--latency`` the fp32 model and
@@ -44,8 +44,6 @@ MODELS = {
         dict(location=4, clusters=(8, 8)),
         dict(location=6, clusters=(10, 10)),
         dict(location=5, clusters=(9, 9)),
-        dict(location=4, clusters=(10, 10)),
-        dict(location=6, clusters=(8, 8)),
     ]),
 }
 
