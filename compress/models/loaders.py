@@ -118,7 +118,7 @@ def _load_timm(spec: ModelSpec, weights: Path | None) -> ModelHandle:
         if head:
             state = {k: v for k, v in state.items() if k not in head}
             notes.append(f"model.kwargs num_classes=0: ignored the checkpoint's classifier "
-                         f"weights ({', '.join(head)})")
+                         f"weights ({', '.join(sorted(head))})")
     check_state_dict(model, state, f"weights {weights.name!r}")
     model.load_state_dict(state, strict=True)
     model.eval()
