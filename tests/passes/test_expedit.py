@@ -105,7 +105,8 @@ def test_bad_config_names_the_field(tmp_path):
         ExpeditConfig(clusters=(4, 4), ratio=0.5)
     with pytest.raises(ValidationError, match="clusters"):
         ExpeditConfig()
-    text = ModelHandle(task="text-embedding", source="hf", name="bert", module=torch.nn.Linear(2, 2))
+    text = ModelHandle(task="text-embedding", source="hf", name="bert",
+                       module=torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="passes.0: expedit works on timm"):
         expedit(text, ExpeditConfig(ratio=0.5), ctx)
     with pytest.raises(RecipeError, match="passes.0.auto.max_accuracy_drop"):

@@ -25,7 +25,8 @@ def test_locality_mask_window():
     assert locality_mask((4, 4), (2, 2), window=3).all()
 
 
-@pytest.mark.parametrize("grid, clusters", [((8, 8), (4, 4)), ((14, 14), (9, 9)), ((6, 10), (4, 3))])
+@pytest.mark.parametrize("grid, clusters",
+                         [((8, 8), (4, 4)), ((14, 14), (9, 9)), ((6, 10), (4, 3))])
 def test_pool_matrix_is_adaptive_avg_pool(grid, clusters):
     x = torch.randn(2, 5, *grid)
     ref = F.adaptive_avg_pool2d(x, clusters).flatten(2).transpose(1, 2)
