@@ -353,6 +353,7 @@ class Pipeline:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "recipe": self.recipe.model_dump(mode="json"),
             "model": {"source": h.source, "name": h.name, "task": h.task,
+                      "output": h.output_name,
                       "params": h.param_count() or None,
                       "path": str(self.model_path) if self.model_path else None},
             "data": {"calibration": self.calib.summary() if self.calib else None,
@@ -373,7 +374,8 @@ class Pipeline:
             "plots": plots,
             "stages": self.stages,
             "environment": environment_info(),
-            "warnings": self.warnings + (self.calib.notes if self.calib else [])
+            "warnings": self.warnings + h.info.get("load_notes", [])
+            + (self.calib.notes if self.calib else [])
             + ([] if self.eval is self.calib else self.eval.notes),
         }
         return report

@@ -98,7 +98,10 @@ class GateSpec(StrictModel):
     max_kl: float | None = Field(None, ge=0)
     max_logits_rel_error: float | None = Field(
         None, ge=0, description="||compressed - original|| / ||original|| over all logits")
-    min_cosine: float | None = Field(None, ge=-1, le=1, description="mean embedding cosine")
+    min_cosine: float | None = Field(None, ge=-1, le=1, description=(
+        "mean cosine to the original: embeddings, or token maps (per token, mean per sample)"))
+    min_sample_cosine: float | None = Field(None, ge=-1, le=1, description=(
+        "worst sample's cosine to the original (embeddings; token maps: its mean over tokens)"))
     min_retrieval_overlap: float | None = Field(None, ge=0, le=1)
 
 

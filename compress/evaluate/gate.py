@@ -27,6 +27,7 @@ def gate_checks(gate: GateSpec, task: str, original: dict, compressed: dict, k: 
                               ("max_kl", "kl", "le"),
                               ("max_logits_rel_error", "logits_rel_error", "le"),
                               ("min_cosine", "cosine_mean", "ge"),
+                              ("min_sample_cosine", "cosine_min", "ge"),
                               ("min_retrieval_overlap", f"retrieval_top{k}_overlap", "ge")):
         limit = getattr(gate, field)
         if limit is None:

@@ -52,9 +52,23 @@ def retrieval_overlap(ref: np.ndarray, out: np.ndarray, k: int) -> float:
 
 
 def embedding_fidelity(ref: np.ndarray, out: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Cosine of each output vector to the original's: sentence embeddings [S, C], or token maps
+    [S, N, C] (dense features), where every token's cosine counts and a sample scores the mean
+    over its tokens.
+
+    ``cosine_mean``/``cosine_min`` are the mean and the worst over samples. Token maps add the
+    worst single token and the relative L2 error of the whole map; embeddings add the overlap of
+    nearest neighbours.
+    """
     cos = (_normalize(ref) * _normalize(out)).sum(-1)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            f"retrieval_top{k}_overlap": retrieval_overlap(ref, out, k)}
+    if cos.ndim == 1:
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                f"retrieval_top{k}_overlap": retrieval_overlap(ref, out, k)}
+    per_sample = cos.reshape(len(cos), -1).mean(1)
+    diff = np.linalg.norm((out - ref).astype(np.float64))
+    return {"cosine_mean": float(per_sample.mean()), "cosine_min": float(per_sample.min()),
+            "token_cosine_min": float(cos.min()),
+            "rel_error": float(diff / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))}
 
 
 def output_agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
@@ -66,8 +80,11 @@ def output_agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
 
 def task_metrics(task: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None,
                  k: int = 10) -> dict[str, float]:
-    """All metrics of ``out`` for the task; ``ref`` is the original model's output."""
-    if task == "image-classification":
+    """All metrics of ``out`` for the task; ``ref`` is the original model's output.
+
+    Image models that output a token map [S, N, C] are scored like embeddings, per token.
+    """
+    if task == "image-classification" and ref.ndim == 2:
         m = classification_fidelity(ref, out)
         if labels is not None:
             m["top1"] = top1_accuracy(out, labels)

@@ -53,6 +53,9 @@ class ModelHandle:
     tokenizer: Any = None
     data_config: dict | None = None     # image preprocessing: input_size, mean, std, ...
     max_positions: int = 512            # text models: longest sequence the model accepts
+    # Image models whose output is the token map [batch, tokens, channels] (dense features, e.g.
+    # a timm ViT with num_classes=0, global_pool=''), not logits.
+    token_map: bool = False
     # Passes record what they did to the module here (ToMe-style shared state).
     info: dict = field(default_factory=dict)
 
@@ -62,7 +65,9 @@ class ModelHandle:
 
     @property
     def output_name(self) -> str:
-        return "logits" if self.task == "image-classification" else "sentence_embedding"
+        if self.task != "image-classification":
+            return "sentence_embedding"
+        return "token_map" if self.token_map else "logits"
 
     @property
     def input_size(self) -> tuple[int, ...]:

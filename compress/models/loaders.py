@@ -110,6 +110,15 @@ def _load_timm(spec: ModelSpec, weights: Path | None) -> ModelHandle:
         raise ModelLoadError(f"timm could not build {name!r} with model.kwargs {spec.kwargs}: "
                              f"{e}") from None
     state = read_state_dict(weights)
+    notes = []
+    if getattr(model, "num_classes", None) == 0:
+        # A classifier's checkpoint loaded as a feature extractor: the head is dropped on
+        # purpose (num_classes 0), so its weights are expected and left out.
+        head = [k for k in state if k.startswith("head.") and k not in model.state_dict()]
+        if head:
+            state = {k: v for k, v in state.items() if k not in head}
+            notes.append(f"model.kwargs num_classes=0: ignored the checkpoint's classifier "
+                         f"weights ({', '.join(sorted(head))})")
     check_state_dict(model, state, f"weights {weights.name!r}")
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -132,8 +141,16 @@ def _load_timm(spec: ModelSpec, weights: Path | None) -> ModelHandle:
     if len(cfg["input_size"]) != 3:
         raise ModelLoadError(f"model.preprocess.input_size must be [channels, height, width], "
                              f"got {list(cfg['input_size'])}")
-    return ModelHandle(task=spec.resolved_task, source="timm", name=name, module=model,
-                       data_config=cfg)
+    handle = ModelHandle(task=spec.resolved_task, source="timm", name=name, module=model,
+                         data_config=cfg, token_map=_outputs_token_map(model))
+    handle.info["load_notes"] = notes
+    return handle
+
+
+def _outputs_token_map(model: torch.nn.Module) -> bool:
+    """True when a timm model returns its token map [B, N, C] (no pooling, no attention pool)."""
+    return (getattr(model, "global_pool", None) == "" and
+            getattr(model, "attn_pool", None) is None and hasattr(model, "blocks"))
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -33,7 +33,8 @@ class AutoSchedule(BaseModel):
         "classification: largest top-1 drop in points on the calibration set (against labels "
         "when it has them, else 100 - top-1 agreement with the original)"))
     min_cosine: float | None = Field(None, gt=0, le=1, description=(
-        "text: smallest mean cosine of embeddings to the original on the calibration set"))
+        "text encoders and token-map models: smallest mean cosine (per embedding or per token) "
+        "to the original on the calibration set"))
     max_samples: int = Field(256, ge=1, description="calibration samples per trial")
 
     @model_validator(mode="after")
@@ -119,7 +120,7 @@ def fidelity_check(handle: ModelHandle, ctx: PassContext, auto: AutoSchedule, fi
     """A function ``apply -> ok`` comparing the patched model with the original on calib."""
     if ctx.calib is None:
         return None
-    if handle.task == "image-classification":
+    if _is_classifier(handle):
         if auto.max_accuracy_drop is None:
             return None
     elif auto.min_cosine is None:
@@ -130,12 +131,13 @@ def fidelity_check(handle: ModelHandle, ctx: PassContext, auto: AutoSchedule, fi
     def ok(apply) -> bool:
         apply()
         out = torch.cat(_outputs(handle, ctx, auto.max_samples)).numpy()
-        if handle.task == "image-classification":
+        if _is_classifier(handle):
             if labels is not None:
                 drop = 100 * ((ref.argmax(-1) == labels).mean() - (out.argmax(-1) == labels).mean())
             else:
                 drop = 100 * (1 - (ref.argmax(-1) == out.argmax(-1)).mean())
             return bool(drop <= auto.max_accuracy_drop)
+        # Embeddings [S, C] or token maps [S, N, C]: the mean cosine over every vector.
         a = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
         b = out / np.linalg.norm(out, axis=-1, keepdims=True)
         return bool((a * b).sum(-1).mean() >= auto.min_cosine)
@@ -143,16 +145,20 @@ def fidelity_check(handle: ModelHandle, ctx: PassContext, auto: AutoSchedule, fi
     return ok
 
 
+def _is_classifier(handle: ModelHandle) -> bool:
+    return handle.task == "image-classification" and not handle.token_map
+
+
 def check_auto(auto: AutoSchedule | None, handle: ModelHandle, ctx: PassContext) -> None:
     if auto is None:
         return
     p = f"passes.{ctx.index}.auto"
-    if handle.task == "image-classification" and auto.min_cosine is not None:
-        raise RecipeError("min_cosine is for text encoders", [(f"{p}.min_cosine", "use "
-                          "max_accuracy_drop for classifiers")])
-    if handle.task != "image-classification" and auto.max_accuracy_drop is not None:
+    if _is_classifier(handle) and auto.min_cosine is not None:
+        raise RecipeError("min_cosine is for text encoders and token maps", [
+            (f"{p}.min_cosine", "use max_accuracy_drop for classifiers")])
+    if not _is_classifier(handle) and auto.max_accuracy_drop is not None:
         raise RecipeError("max_accuracy_drop is for classifiers", [
-            (f"{p}.max_accuracy_drop", "use min_cosine for text encoders")])
+            (f"{p}.max_accuracy_drop", "use min_cosine for text encoders and token maps")])
     if (auto.max_accuracy_drop is not None or auto.min_cosine is not None) and ctx.calib is None:
         raise RecipeError("auto with a fidelity bound needs calibration data",
                           [("calibration", "required by " + p)])

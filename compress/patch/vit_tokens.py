@@ -119,21 +119,28 @@ def vit_token_count(model: nn.Module) -> tuple[int, int]:
 
 class ExpeditViT(nn.Module):
     """Mixin for timm VisionTransformer: cluster patch tokens after one block, reconstruct the
-    full token map before the final norm (Expedit); prefix tokens are carried unchanged."""
+    full token map before the final norm (Expedit); prefix tokens are carried unchanged.
+
+    The token grid is read from the patch embedding's output (any resolution the model accepts,
+    ``dynamic_img_size`` included); the cluster grid follows from it with integer arithmetic.
+    """
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
-        from ..tokens.cluster import cluster_tokens, reconstruct_tokens
+        from ..tokens.cluster import cluster_grid, cluster_tokens, reconstruct_tokens
 
         cfg = self._expedit
         p = self.num_prefix_tokens
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x = self.patch_embed(x)
+        grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(self.patch_embed.grid_size)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
+        clusters = cluster_grid(grid, cfg["clusters"], cfg["ratio"])
         before = cents = None
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i == cfg["location"]:
                 before = x[:, p:]
-                cents, _ = cluster_tokens(before, cfg["grid"], cfg["clusters"], cfg["iters"],
-                                          cfg["tau"], cfg["window"])
+                cents, _ = cluster_tokens(before, grid, clusters, cfg["iters"], cfg["tau"],
+                                          cfg["window"])
                 x = torch.cat([x[:, :p], cents], dim=1)
         if before is not None:
             x = torch.cat([x[:, :p], reconstruct_tokens(before, cents, x[:, p:], cfg["k"],
@@ -141,16 +148,21 @@ class ExpeditViT(nn.Module):
         return self.norm(x)
 
 
-def patch_expedit(model: nn.Module, location: int, clusters: tuple[int, int], iters: int = 5,
-                  tau: float = 1.0, window: int = 5, k: int = 20) -> None:
-    """Expedit clustering after ``blocks[location]`` and reconstruction at the end, in place."""
+def patch_expedit(model: nn.Module, location: int, clusters: tuple[int, int] | None = None,
+                  ratio: float | None = None, iters: int = 5, tau: float = 0.01,
+                  window: int = 5, k: int = 20) -> None:
+    """Expedit clustering after ``blocks[location]`` and reconstruction at the end, in place.
+
+    Give ``clusters`` (h, w) or ``ratio`` (share of patch tokens kept); validation of the values
+    against the model is the pass's job (it names the recipe fields).
+    """
     _check_vit_blocks(model)
-    grid = tuple(model.patch_embed.grid_size)
-    if grid[0] % clusters[0] or grid[1] % clusters[1]:
-        raise ValueError(f"patch grid {grid} does not divide by clusters {clusters}")
+    if (clusters is None) == (ratio is None):
+        raise ValueError("give clusters or ratio, not both")
     mix_into(model, ExpeditViT, "Expedit")
-    model._expedit = {"location": location, "grid": grid, "clusters": tuple(clusters),
-                      "iters": iters, "tau": tau, "window": window, "k": k}
+    model._expedit = {"location": location, "clusters": None if clusters is None else
+                      tuple(clusters), "ratio": ratio, "iters": iters, "tau": tau,
+                      "window": window, "k": k}
 
 
 def _check_vit_blocks(model: nn.Module) -> None:
@@ -158,6 +170,8 @@ def _check_vit_blocks(model: nn.Module) -> None:
 
     if not isinstance(model, VisionTransformer) or not all(
             isinstance(b, Block) for b in model.blocks):
-        raise UnsupportedModelError("expedit supports timm VisionTransformer with Block layers")
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModelError("expedit needs a fixed patch grid (dynamic_img_size=False)")
+        raise UnsupportedModelError(
+            f"expedit supports timm VisionTransformer with Block layers, not "
+            f"{type(model).__name__}")
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError("expedit does not support attention-pooled ViTs")

@@ -40,3 +40,23 @@ def test_gate_reports_each_limit():
     assert checks[0]["metric"] == "accuracy_drop_points"
     assert abs(checks[0]["value"] - 0.8) < 1e-9 and not checks[0]["passed"]
     assert checks[1]["passed"]
+
+
+def test_token_map_fidelity_is_per_token_cosine():
+    from compress.evaluate.metrics import task_metrics
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 5, 8))
+    out = ref.copy()
+    out[1, 2] = -ref[1, 2]            # one flipped token in sample 1: cosine -1 there
+    m = task_metrics("image-classification", ref, out, labels=np.zeros(3, int))
+    assert "top1" not in m and "kl" not in m          # token maps are not logits
+    assert m["token_cosine_min"] == -1.0
+    assert abs(m["cosine_min"] - (4 - 1) / 5) < 1e-12  # sample 1: mean over its 5 tokens
+    assert abs(m["cosine_mean"] - (1 + 0.6 + 1) / 3) < 1e-12
+    rel = np.linalg.norm(2 * ref[1, 2]) / np.linalg.norm(ref)
+    assert abs(m["rel_error"] - rel) < 1e-12
+    gate = GateSpec(min_cosine=0.8, min_sample_cosine=0.7)
+    checks = gate_checks(gate, "image-classification", {}, m, 10)
+    assert [c["metric"] for c in checks] == ["cosine_mean", "cosine_min"]
+    assert checks[0]["passed"] and not checks[1]["passed"]

@@ -17,6 +17,23 @@ def test_timm_weights_load_exactly(tiny_vit_files):
         assert h.task == "image-classification"
 
 
+def test_classifier_checkpoint_loads_as_token_map_model(tiny_vit_files):
+    ref = make_tiny_vit()
+    path = tiny_vit_files["weights"]
+    kwargs = {**TINY_VIT["kwargs"], "num_classes": 0, "global_pool": ""}
+    h = load_model(ModelSpec(source="timm", weights=str(path), name=TINY_VIT["name"],
+                             kwargs=kwargs), path)
+    assert h.token_map and h.output_name == "token_map"
+    assert h.info["load_notes"] == ["model.kwargs num_classes=0: ignored the checkpoint's "
+                                    "classifier weights (head.bias, head.weight)"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = h.module(x)
+        torch.testing.assert_close(out, ref.forward_features(x))   # [2, 1 + 4*4, 64]
+    assert out.shape == (2, 17, 64)
+    assert not load_model(ModelSpec(source="timm", weights=str(path), **TINY_VIT), path).token_map
+
+
 def test_training_checkpoint_layout_is_unwrapped(tmp_path):
     model = make_tiny_vit()
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
