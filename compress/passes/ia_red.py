@@ -76,7 +76,8 @@ class IaRedConfig(PassConfig):
     device: Literal["auto", "cpu", "cuda"] | None = Field(None, description=(
         "where to train; default: the recipe's device"))
     max_seconds: float | None = Field(None, gt=0, description="stop training after this long")
-    seed: int = Field(0, description="seed of the batch order and the keep-mask draws")
+    seed: int = Field(0, description=(
+        "seed of the interpreters' initialization, the batch order and the keep-mask draws"))
     plot_images: int = Field(4, ge=0, le=32, description=(
         "calibration images pictured in the report with each group's importance and kept "
         "patches"))
@@ -232,6 +233,7 @@ def ia_red(model: ModelHandle, config: IaRedConfig, ctx: PassContext) -> None:
         x = calib.inputs["pixel_values"]
         original = _predict(module, x, ctx.batch_size, device)
         targets = calib.labels.long() if calib.labels is not None else original
+    torch.manual_seed(config.seed)   # interpreter init: same recipe, same result
     patch_ia_red(module, locs, config.heads, config.head_dim, config.threshold,
                  config.init_keep)
     training = None
