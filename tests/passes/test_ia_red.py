@@ -133,6 +133,7 @@ def test_bad_config_names_the_field(tmp_path):
         with pytest.raises(RecipeError) as e:
             parse_recipe(tiny_vit_recipe(files, passes=[{"type": "ia_red", **bad}]))
         assert field in str(e.value)
-    text = ModelHandle(task="text-embedding", source="hf", name="bert", module=torch.nn.Linear(2, 2))
+    text = ModelHandle(task="text-embedding", source="hf", name="bert",
+                       module=torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="text_token_prune"):
         ia_red(text, IaRedConfig(steps=0), ctx)
