@@ -7,6 +7,7 @@ Add a pass: a module here with a ``PassConfig`` subclass and a function decorate
 from . import (  # noqa: F401
     binarize,
     expedit,
+    ia_red,
     mixed_precision,
     ort_quantize,
     quantize,
