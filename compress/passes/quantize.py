@@ -72,7 +72,7 @@ class QuantizeConfig(PassConfig):
         - type: quantize
           ignore: [head]
           weights: {bits: 8}
-          activations: {bits: 8, observer: percentile, percentile: 99.99}
+          activations: {bits: 8, observer: percentile, percentile: 99.99, opt_m: [softmax]}
           attention_matmuls: true
     """
 
