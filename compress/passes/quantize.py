@@ -47,10 +47,22 @@ class ActivationQuant(BaseModel):
     observer: Literal["minmax", "percentile", "mse", "cosine"] = Field(
         "minmax", description="range: min-max, percentile, or clipping searched by MSE/cosine")
     percentile: float = Field(99.99, gt=90, le=100, description="for observer: percentile")
-    opt_m: bool = Field(
-        False, description="OPT-m: two-region (fine + 2^m coarser tail) quantizer on post-GELU "
-        "inputs (mlp.fc2, BERT output.dense), split and m searched by output error; exported "
-        "exactly as two integer matmuls (that layer costs twice)")
+    opt_m: list[Literal["gelu", "softmax"]] = Field(
+        default_factory=list, description="OPT-m: two-region (fine + 2^m coarser tail) quantizer, "
+        "split and m searched on calibration data by the error of the product the activation "
+        "feeds; exported exactly as two integer matmuls (that product costs twice). Where: "
+        "'gelu' = post-GELU inputs (mlp.fc2, BERT output.dense), 'softmax' = the attention "
+        "probabilities of probs@v (needs attention_matmuls: true). true means [gelu], false []")
+
+    @field_validator("opt_m", mode="before")
+    @classmethod
+    def _opt_m_bool_means_gelu(cls, v):
+        # opt_m was a bool (post-GELU only) before the softmax case existed; keep recipes valid
+        if isinstance(v, bool):
+            return ["gelu"] if v else []
+        if isinstance(v, str):
+            return [v]
+        return v
 
 
 class QuantizeConfig(PassConfig):
@@ -65,7 +77,7 @@ class QuantizeConfig(PassConfig):
         - type: quantize
           ignore: [head]
           weights: {bits: 8}
-          activations: {bits: 8, observer: percentile, percentile: 99.99}
+          activations: {bits: 8, observer: percentile, percentile: 99.99, opt_m: [softmax]}
           attention_matmuls: true
     """
 
@@ -82,6 +94,16 @@ class QuantizeConfig(PassConfig):
         "CPU); needs attention_matmuls: false")
     sqnr_samples: int = Field(64, ge=1, description="calibration samples for per-layer SQNR")
 
+    @field_validator("attention_matmuls")
+    @classmethod
+    def _opt_m_softmax_needs_attention_matmuls(cls, v, info):
+        acts = info.data.get("activations")
+        if not v and acts is not None and "softmax" in acts.opt_m:
+            raise ValueError("activations.opt_m: [softmax] quantizes the attention "
+                             "probabilities of probs@v; set attention_matmuls: true or drop "
+                             "softmax from activations.opt_m")
+        return v
+
     @field_validator("fused_attention")
     @classmethod
     def _fused_needs_float_attention(cls, v, info):
@@ -95,9 +117,12 @@ POST_GELU = re.compile(r"(.*\.)?mlp\.fc2|(.*\.)?layer\.\d+\.output\.dense")
 
 
 def new_act_quantizer(spec: ActivationQuant | None, name: str = "") -> ActQuantizer | None:
+    """The activation quantizer for the input of layer ``name`` (for attention products:
+    ``<attn>.matmul_av.probs``, the probabilities)."""
     if spec is None:
         return None
-    if spec.opt_m and POST_GELU.fullmatch(name):
+    if ("gelu" in spec.opt_m and POST_GELU.fullmatch(name)) or \
+            ("softmax" in spec.opt_m and name.endswith("matmul_av.probs")):
         return TwoRegionActQuantizer(spec.bits)
     return ActQuantizer(spec.bits, spec.symmetric, spec.observer, spec.percentile)
 
@@ -137,7 +162,8 @@ def wrap_attention_matmuls(model: nn.Module, config: QuantizeConfig) -> dict[str
             full = f"{name}.{part}"
             if ignored(full, config.ignore, getattr(attn, part)):
                 continue
-            qm = QuantMatMul(new_act_quantizer(config.activations),
+            qm = QuantMatMul(new_act_quantizer(config.activations, f"{full}.probs"
+                                               if part == "matmul_av" else ""),
                              new_act_quantizer(config.activations))
             setattr(attn, part, qm)
             wrapped[full] = qm
@@ -159,10 +185,13 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
         observe_activations(model, ctx)
         for name, q in layers.items():
             if isinstance(q.input_quantizer, TwoRegionActQuantizer):
-                best = q.input_quantizer.search(q.weight)
-                opt_m[name] = best
-                ctx.report.add_layer(name, opt_m_split=round(float(best["split"]), 4),
-                                     opt_m_m=best["m"])
+                opt_m[name] = q.input_quantizer.search(q.weight.T)
+        for name, qm in matmuls.items():
+            if isinstance(qm.a_quantizer, TwoRegionActQuantizer):
+                opt_m[name] = qm.a_quantizer.search()  # by the error of probs @ v
+        for name, best in opt_m.items():
+            ctx.report.add_layer(name, opt_m_split=float(f"{float(best['split']):.4g}"),
+                                 opt_m_m=best["m"])
     w_bits = effective_weight_bits(config.weights)
     for q in layers.values():
         wobs = config.weights.observer

@@ -120,8 +120,10 @@ def two_region_fake_quantize(x: torch.Tensor, split: torch.Tensor, scale1: torch
     (``scale1``, ``zp1``), the tail ``x - split > 0`` on a coarse one (``scale2 = 2^m scale1``,
     zero point 0). Returns both dequantized parts; their sum is the quantized ``x``.
 
-    Each part is an ordinary uint8 QuantizeLinear/DequantizeLinear, so the product with a weight
-    exports exactly as two integer matmuls (``W x = W x1 + W x2``).
+    Serves post-GELU inputs (dense near 0, long positive tail) and post-Softmax probabilities
+    (most mass far below 1, a few large ones; PTQ4ViT's twin-uniform). Each part is an ordinary
+    uint8 QuantizeLinear/DequantizeLinear, so the product with the right operand exports exactly
+    as two integer matmuls (``x @ B = x1 @ B + x2 @ B``).
     """
     qmin, qmax = int_range(bits, signed=False)
     x1 = fake_quantize(torch.minimum(x, split), scale1, zp1, qmin, qmax)
@@ -130,16 +132,32 @@ def two_region_fake_quantize(x: torch.Tensor, split: torch.Tensor, scale1: torch
     return x1, x2
 
 
-def search_two_region(x: torch.Tensor, weight: torch.Tensor, bits: int = 8, splits: int = 12,
-                      max_m: int = 10) -> dict:
-    """Split and power-of-two scale ratio ``2^m`` minimizing the Linear's output error.
+def search_two_region(x: torch.Tensor | list[torch.Tensor], rhs: torch.Tensor | list[torch.Tensor],
+                      bits: int = 8, splits: int = 12, max_m: int = 10,
+                      value_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Split and power-of-two scale ratio ``2^m`` minimizing the error of the product ``x @ rhs``.
 
-    ``x``: calibration input rows (tokens x C) of the Linear with ``weight`` (out x C). Splits run
-    over ``max(x) / 2^k`` (k = 0..splits-1); for each, the tail scale is ``2^m`` times the fine
-    one (m = 0..max_m). The objective is ``||(x_hat - x) W^T||^2``; split = max(x) (no tail) is
-    a candidate, so the result is never worse than single-scale min-max on this sample.
+    ``x``: calibration samples of the left operand (``..., K``); ``rhs``: the right operand
+    (``..., K, N``), broadcast by ``torch.matmul``. For a Linear, ``x`` is input rows (tokens x K)
+    and ``rhs`` is ``weight.T``; for attention, ``x`` is probabilities (B, H, rows, K) and
+    ``rhs`` the matching values (B, H, K, d). Lists hold several such pairs (e.g. one per
+    calibration batch, whose sequence lengths may differ).
+
+    Splits run over ``max(x) / 2^k`` (k = 0..splits-1); for each, the tail scale is ``2^m`` times
+    the fine one (m = 0..max_m). The objective is the mean of ``((x_hat - x) @ rhs)^2``; split =
+    max(x) (no tail) is a candidate, so the result is never worse than single-scale min-max on
+    this sample. ``value_range`` (min, max) overrides the sample's range (e.g. the range of
+    all calibration data, of which ``x`` is a sample).
     """
-    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    xs = x if isinstance(x, list) else [x]
+    rhss = rhs if isinstance(rhs, list) else [rhs]
+    if len(xs) != len(rhss) or not xs:
+        raise ValueError(f"search_two_region needs matching x/rhs pairs, got {len(xs)} and "
+                         f"{len(rhss)}")
+    if value_range is None:
+        value_range = (torch.stack([t.min() for t in xs]).min(),
+                       torch.stack([t.max() for t in xs]).max())
+    lo, hi = value_range[0].clamp(max=0), value_range[1].clamp(min=0)
     qmin, qmax = int_range(bits, signed=False)
     best = None
     for k in range(splits):
@@ -149,8 +167,13 @@ def search_two_region(x: torch.Tensor, weight: torch.Tensor, bits: int = 8, spli
         s1, zp1 = affine_qparams(lo, split, bits)
         for m in range(max_m + 1 if k else 1):
             s2 = s1 * 2 ** m
-            x1, x2 = two_region_fake_quantize(x, split, s1, zp1.float(), s2, bits)
-            err = float(((x1 + x2 - x) @ weight.T).pow(2).mean())
+            sq, n = 0.0, 0
+            for xi, ri in zip(xs, rhss):
+                x1, x2 = two_region_fake_quantize(xi, split, s1, zp1.float(), s2, bits)
+                e = (x1 + x2 - xi) @ ri
+                sq += float(e.double().pow(2).sum())
+                n += e.numel()
+            err = sq / n
             if best is None or err < best["error"]:
                 best = {"error": err, "split": split.clone(), "m": m, "scale1": s1, "zp1": zp1,
                         "scale2": s2, "tail_clipped": bool(hi - split > s2 * qmax)}

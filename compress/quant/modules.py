@@ -128,14 +128,20 @@ class ActQuantizer(nn.Module):
 
 class TwoRegionActQuantizer(ActQuantizer):
     """OPT-m: a fine uint8 grid for the dense region and a ``2^m`` times coarser one for the
-    long tail (post-GELU fc2 inputs), split and ``m`` searched by the Linear's output error.
+    long tail, split and ``m`` searched by the error of the product the input feeds.
 
-    Calibration keeps a sample of input rows; ``search(weight)`` (called by the quantize pass)
-    sets the split and scales. In torch it returns ``x1 + x2``; ``QuantLinear`` exports the two
-    parts as two integer matmuls on the same int8 weight (exact, at twice that layer's cost).
+    Used on post-GELU inputs (``QuantLinear``, product with the weight) and on post-Softmax
+    attention probabilities (``QuantMatMul``, product ``probs @ v``). Calibration keeps a sample
+    of input rows, with the matching right operand for activation products (``observe(x,
+    rhs)``); ``search(rhs)`` (called by the quantize pass) sets the split and scales. In torch
+    it returns ``x1 + x2``; the owning module exports the two parts as two integer matmuls on
+    the same right operand (exact, at twice that product's cost).
     """
 
     ROWS = 512
+    # Activation products: more rows (each costs K x d in the search, still small), a few per
+    # attention matrix so that several calibration batches contribute.
+    PRODUCT_ROWS, ROWS_PER_MATRIX = 4096, 8
 
     def __init__(self, bits: int = 8):
         super().__init__(bits, symmetric=False, observer="minmax")
@@ -143,21 +149,46 @@ class TwoRegionActQuantizer(ActQuantizer):
         self.register_buffer("scale2", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point2", torch.zeros((), dtype=torch.uint8))
         self.rows: list[torch.Tensor] = []
+        self.rhs: list[torch.Tensor] = []
+        self.range: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kept = 0
         self.m = 0
 
     def start_observing(self) -> None:
-        self.rows, self.kept = [], 0
+        self.rows, self.rhs, self.range, self.kept = [], [], None, 0
         self.mode = "observe"
+
+    def observe(self, x: torch.Tensor, rhs: torch.Tensor | None = None) -> None:
+        """Keep a random sample of up to ``ROWS`` rows of ``x`` (last dim = features) and the
+        range of all of ``x``.
+
+        With ``rhs`` (the right operand of ``x @ rhs``, batched like ``x``) up to
+        ``PRODUCT_ROWS`` sampled rows keep their batch dims and ``rhs`` is kept beside them, so
+        the search can form the product.
+        """
+        lo, hi = x.detach().min().float().cpu(), x.detach().max().float().cpu()
+        self.range = (lo, hi) if self.range is None else (
+            torch.minimum(self.range[0], lo), torch.maximum(self.range[1], hi))
+        budget = self.ROWS if rhs is None else self.PRODUCT_ROWS
+        if self.kept >= budget:
+            return
+        g = torch.Generator().manual_seed(self.kept)
+        if rhs is None:
+            r = x.detach().flatten(0, -2).float().cpu()
+            r = r[torch.randperm(r.shape[0], generator=g)[:budget - self.kept]]
+            self.rows.append(r)
+            self.kept += r.shape[0]
+            return
+        matrices = x[..., 0, 0].numel()  # batch x heads
+        take = min(x.shape[-2], self.ROWS_PER_MATRIX, -(-(budget - self.kept) // matrices))
+        idx = torch.randperm(x.shape[-2], generator=g)[:take].to(x.device)
+        self.rows.append(x.detach().index_select(-2, idx).float().cpu())
+        self.rhs.append(rhs.detach().float().cpu())
+        self.kept += matrices * take
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
-            if self.kept < self.ROWS:
-                r = x.detach().flatten(0, -2).float().cpu()
-                g = torch.Generator().manual_seed(self.kept)
-                r = r[torch.randperm(r.shape[0], generator=g)[:self.ROWS - self.kept]]
-                self.rows.append(r)
-                self.kept += r.shape[0]
+            self.observe(x)
             return x
         if self.mode != "quant":
             return x
@@ -173,18 +204,29 @@ class TwoRegionActQuantizer(ActQuantizer):
                                         self.zero_point.to(torch.float32), self.scale2, self.bits)
 
     def freeze(self) -> None:
-        """Frozen by ``search(weight)`` instead; kept for the calibration loop's contract."""
+        """Frozen by ``search()`` instead; kept for the calibration loop's contract."""
 
-    def search(self, weight: torch.Tensor) -> dict:
+    def search(self, rhs: torch.Tensor | None = None) -> dict:
+        """Search split and m by the error of ``x @ rhs``: ``rhs`` given (a Linear's
+        ``weight.T``) or, if None, the right operands kept by ``observe``."""
         if not self.rows:
             raise RuntimeError("TwoRegionActQuantizer.search() before any calibration data")
-        best = search_two_region(torch.cat(self.rows), weight.detach().float().cpu(), self.bits)
+        if rhs is not None:
+            x, rhs = torch.cat(self.rows), rhs.detach().float().cpu()
+        elif len(self.rhs) == len(self.rows):
+            x, rhs = self.rows, self.rhs
+        else:
+            raise RuntimeError("TwoRegionActQuantizer.search() needs the right operand: pass "
+                               "rhs, or observe(x, rhs) during calibration")
+        # The range of every observed value, not only the sampled rows: a clipped large
+        # probability or GELU output costs more than a slightly coarser grid.
+        best = search_two_region(x, rhs, self.bits, value_range=self.range)
         self.split.copy_(best["split"])
         self.scale.copy_(best["scale1"].reshape(()))
         self.zero_point.copy_(best["zp1"].reshape(()).to(torch.uint8))
         self.scale2.copy_(best["scale2"].reshape(()))
         self.m = best["m"]
-        self.rows = []
+        self.rows, self.rhs, self.range = [], [], None
         self.mode = "quant"
         return best
 
@@ -364,7 +406,15 @@ class QuantMatMul(MatMul):
         self.sqnr = _SQNRMeter()
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
+        aq = self.a_quantizer
+        if isinstance(aq, TwoRegionActQuantizer) and aq.mode == "observe":
+            aq.observe(a, rhs=b)  # OPT-m searches by the error of a @ b, so it keeps b too
+            return torch.matmul(a, self.b_quantizer(b))
+        if isinstance(aq, TwoRegionActQuantizer) and aq.mode == "quant" and _exporting():
+            a1, a2 = aq.parts(a)
+            bq = self.b_quantizer(b)
+            return torch.matmul(a1, bq) + torch.matmul(a2, bq)
+        y = torch.matmul(aq(a), self.b_quantizer(b))
         if self.sqnr.enabled and not _exporting():
             self.sqnr.add(torch.matmul(a, b), y)
         return y

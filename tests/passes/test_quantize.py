@@ -129,6 +129,65 @@ def test_opt_m_two_region_exports_exactly(tmp_path, tiny_vit_files):
     assert r["export"]["op_histogram"]["QuantizeLinear"] >= 24 + 6
 
 
+
+def test_opt_m_softmax_two_region_probs_export_exactly(tmp_path, tiny_vit_files):
+    recipe = tiny_vit_recipe(tiny_vit_files, passes=[{
+        "type": "quantize", "activations": {"opt_m": ["softmax"]}}])
+    recipe["evaluation"]["latency"] = {"enabled": False}
+    r = _run(recipe, tmp_path / "out").report
+    assert r["passes"][0]["summary"]["opt_m_layers"] == 6  # every blocks.N.attn.matmul_av
+    layers = {row["name"]: row for row in r["layers"]}
+    av = layers["blocks.0.attn.matmul_av"]
+    assert "opt_m_m" in av and 0 < av["opt_m_split"] < 1
+    assert "opt_m_m" not in layers["blocks.0.attn.matmul_qk"]
+    assert "opt_m_m" not in layers["blocks.0.mlp.fc2"]
+    # Not 0.999: on x86 without VNNI, ORT's U8S8 weight matmuls saturate int16 sums (plain
+    # W8A8 here gets 0.998 too); the two-region product itself is exact in ORT
+    # (tests/quant/test_modules.py, u8 x u8).
+    assert all(p["cosine"] > 0.995 for p in r["export"]["parity"])
+    assert r["metrics"]["compressed"]["top1_agreement"] >= 0.9
+    # probs @ v runs as two integer matmuls: one more QuantizeLinear per block than plain W8A8
+    # (26 Linear/Conv inputs with patch embed and head, 2 operands x 12 attention products)
+    assert r["export"]["op_histogram"]["QuantizeLinear"] == 26 + 24 + 6
+
+
+def test_opt_m_softmax_and_gelu_on_tiny_bert(tmp_path, tiny_bert_dir, sentences):
+    recipe = {"version": 1, "model": {"source": "hf", "path": str(tiny_bert_dir)},
+              "calibration": {"path": str(sentences["calib"]), "batch_size": 16},
+              "evaluation": {"path": str(sentences["eval"]), "batch_size": 16,
+                             "latency": {"enabled": False}},
+              "passes": [{"type": "quantize", "activations": {"opt_m": ["gelu", "softmax"]}}]}
+    r = _run(recipe, tmp_path / "out").report
+    assert r["passes"][0]["summary"]["opt_m_layers"] == 4  # 2 layers x (output.dense, probs@v)
+    names = {row["name"] for row in r["layers"] if "opt_m_m" in row}
+    assert any(n.endswith("attention.self.matmul_av") for n in names)
+    assert any(n.endswith("output.dense") and "attention" not in n for n in names)
+    assert r["metrics"]["compressed"]["cosine_mean"] > 0.98
+    assert all(p["cosine"] > 0.995 for p in r["export"]["parity"])  # see above: no-VNNI x86
+
+
+@pytest.mark.parametrize("opt_m, expected", [(True, ["gelu"]), (False, []), ("softmax", ["softmax"]),
+                                             (["gelu", "softmax"], ["gelu", "softmax"])])
+def test_opt_m_accepts_bool_for_post_gelu(opt_m, expected):
+    from compress.passes.quantize import ActivationQuant
+
+    assert ActivationQuant(opt_m=opt_m).opt_m == expected
+
+
+def test_opt_m_softmax_needs_attention_matmuls(tiny_vit_files):
+    from compress.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[{
+            "type": "quantize", "attention_matmuls": False,
+            "activations": {"opt_m": ["softmax"]}}]))
+    assert "passes.0.attention_matmuls" in str(e.value.errors)
+    assert "activations.opt_m" in str(e.value.errors)
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[{
+            "type": "quantize", "activations": {"opt_m": ["relu"]}}]))
+    assert "passes.0.activations.opt_m" in str(e.value.errors)
+
 RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "recipes"
 
 

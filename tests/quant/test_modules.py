@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -126,3 +127,46 @@ def test_freeze_without_data_raises():
         assert "before any calibration data" in str(e)
     else:
         raise AssertionError("freeze() without data must fail")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 4), (2, 3, 17, 8), (1, 4, 65, 16)])
+def test_opt_m_softmax_matmul_exports_two_integer_matmuls_matching_torch(tmp_path, shape):
+    """probs @ v with a two-region probs quantizer: ORT runs P_fine @ V + P_coarse @ V on
+    integer kernels and matches the torch simulation."""
+    from compress.export.ort import make_session
+    from compress.quant.modules import TwoRegionActQuantizer
+
+    b, h, n, d = shape
+    mm = QuantMatMul(TwoRegionActQuantizer(8), ActQuantizer(8))
+    for qz in (mm.a_quantizer, mm.b_quantizer):
+        qz.start_observing()
+    g = torch.Generator().manual_seed(n)
+    for _ in range(2):
+        probs = torch.softmax(torch.randn(b, h, n, n, generator=g) * 3, -1)
+        mm(probs, torch.randn(b, h, n, d, generator=g))
+    mm.b_quantizer.freeze()
+    best = mm.a_quantizer.search()
+    assert best["split"] < 1
+    probs = torch.softmax(torch.randn(b, h, n, n, generator=g) * 3, -1)
+    v = torch.randn(b, h, n, d, generator=g)
+    with torch.no_grad():
+        ref = mm(probs, v).numpy()
+        assert sqnr_db(probs @ v, mm(probs, v)) > 30
+    out, proto = _export_and_run(mm, (probs, v), tmp_path / "mm2.onnx")
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert [n.op_type for n in proto.graph.node].count("QuantizeLinear") == 3  # 2 probs + v
+    opt = tmp_path / "opt.onnx"
+    make_session(tmp_path / "mm2.onnx", threads=1, optimized_path=opt)
+    kinds = [node.op_type for node in onnx.load(str(opt)).graph.node]
+    assert kinds.count("QLinearMatMul") + kinds.count("MatMulIntegerToFloat") == 2, kinds
+    assert "MatMul" not in kinds
+
+
+def test_two_region_search_without_right_operand_raises():
+    from compress.quant.modules import TwoRegionActQuantizer
+
+    q = TwoRegionActQuantizer(8)
+    q.start_observing()
+    q(torch.rand(4, 8))
+    with pytest.raises(RuntimeError, match="right operand"):
+        q.search()
