@@ -107,7 +107,42 @@ def slim_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
         for t in list(g.input) + list(g.output):
             t.doc_string = ""
     proto.doc_string = ""
+    drop_default_zero_points(proto)
     return proto
+
+
+def drop_default_zero_points(proto: onnx.ModelProto) -> int:
+    """Remove MatMulNBits zero-point inputs that equal the operator's default, 2^(bits-1) in
+    every block (symmetric quantization): ORT substitutes the same value, so outputs do not
+    change and the file loses half a byte per 4-bit block. Returns how many were dropped."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    dropped = 0
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits:
+            continue
+        bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+        zp = numpy_helper.to_array(inits[node.input[3]])
+        if zp.dtype.kind != "u" or zp.itemsize != 1:
+            continue   # float zero points (HQQ) have no default
+        half = 1 << (bits - 1)
+        pattern = sum(half << (bits * k) for k in range(8 // bits))   # codes packed per byte
+        if zp.size == 0 or not (zp == pattern).all():
+            continue
+        name = node.input[3]
+        node.input[3] = ""
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+        uses[name] -= 1
+        if uses[name] == 0:
+            proto.graph.initializer.remove(inits.pop(name))
+        dropped += 1
+    return dropped
 
 
 def slim_onnx(path: Path) -> None:
