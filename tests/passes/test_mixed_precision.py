@@ -119,7 +119,7 @@ def test_minilm_mixed_done_when(tmp_path, minilm_dir):
 def test_size_budget_is_met_by_the_exported_file(tmp_path, tiny_vit_files):
     # A size budget between all-2-bit and all-8-bit, symmetric (no zero points in the file),
     # with OPT-m and scale search on: the searched model's tensor data in model.onnx stays
-    # within the budget and the pass's estimate matches the file.
+    # within the budget and the pass's estimate bounds it from above.
     import onnx
 
     from compress.export.onnx import onnx_size_bytes
@@ -133,7 +133,8 @@ def test_size_budget_is_met_by_the_exported_file(tmp_path, tiny_vit_files):
     tensors = sum(t.ByteSize() for t in proto.graph.initializer)
     assert s["estimated_size_mb"] <= 0.26
     assert tensors <= 0.26e6
-    assert abs(tensors / 1e6 - s["estimated_size_mb"]) < 0.01 * s["estimated_size_mb"]
+    # The pass's estimate is conservative (never under the file's tensor bytes) and close.
+    assert 0.9 * s["estimated_size_mb"] <= tensors / 1e6 <= s["estimated_size_mb"]
     graph = onnx_size_bytes(path) - tensors
     assert onnx_size_bytes(path) <= 0.26e6 + graph
     assert len({row["weight_bits"] for row in r["layers"] if row.get("weight_bits")}) >= 2
