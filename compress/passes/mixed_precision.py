@@ -171,11 +171,10 @@ def _layer_size(m: nn.Module, cfg: tuple | None, block: int, symmetric: bool = F
         return n + 5.0 * m.out_features            # int8 codes + fp32 scale + zp per channel
     if isinstance(m, nn.Embedding):
         c = w if w in (4, 8) else 8                # GatherBlockQuantized's containers
-        zero = c / 8                               # always stored for Gather
     else:
         c = container_bits(w)
-        # Symmetric MatMulNBits zero points equal the default and are dropped at export.
-        zero = 0.0 if symmetric else c / 8
+    # Symmetric zero points equal the operators' default and are dropped at export.
+    zero = 0.0 if symmetric else c / 8
     blocks = n / block
     return n * c / 8 + blocks * (4 + zero)
 
