@@ -1,8 +1,16 @@
-"""Ablation: what SQ-b (smooth_quant) and Greedy MP each add to W4A8 on the digits ViT.
+"""Ablation: what scale search, SQ-b (smooth_quant), OPT-m and Greedy MP each add to a uniform
+4-bit baseline, on the digits ViT (W4A8) and all-MiniLM-L6-v2 (W4A16, weight-only as in
+recipes/minilm_mixed.yaml: 8-bit activations cost MiniLM more than they save).
 
-Usage: .venv/bin/python bench/ablation_mixed.py [--out bench/results/ablation_mixed]
-Runs the digits mixed recipe with its pass list swapped per variant (same data, same eval set,
-ORT metrics from each report) and writes results.md. OPT-m is not on main yet: not included.
+Usage: .venv/bin/python bench/ablation_mixed.py --model digits|minilm [--only 0,2] [--set k=v]
+Each row runs the model's mixed recipe with its pass list swapped (same data, same eval set,
+ORT metrics from each report); results.md is rewritten from every report present, so rows can
+be run one at a time (``--only``). ``--set`` overrides the recipe for every row (e.g.
+``--set passes.0.calibration_samples=64``; written into results.md).
+
+A row is one entry of ``ROWS``: (label, models it applies to, function of the recipe's
+mixed_precision pass -> pass list). Adding a variant is one line, e.g. when OPT-m for
+post-Softmax lands: ("+ OPT-m softmax", ("digits",), lambda mp: [{**uniform(mp), ...}]).
 """
 
 from __future__ import annotations
@@ -18,50 +26,96 @@ import yaml  # noqa: E402
 
 from compress import compress  # noqa: E402
 from compress.export.onnx import onnx_size_bytes  # noqa: E402
-from compress.recipe import parse_recipe  # noqa: E402
+from compress.recipe import parse_recipe, set_dotted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "digits_vit_mixed.yaml"
+RECIPES = {"digits": ROOT / "recipes" / "digits_vit_mixed.yaml",
+           "minilm": ROOT / "recipes" / "minilm_mixed.yaml"}
 SQB = {"type": "smooth_quant", "alpha": "search", "shift": True}
+SCALE_SEARCH = {"mse_grid": 20}          # per-block range shrink searched by weight MSE
 
 
-def variants(mp: dict) -> dict[str, list[dict]]:
-    uniform = {**mp, "weight_bits": [4], "budget": {"avg_weight_bits": 4.0}}
-    return {"W4A8 uniform (GPTQ)": [uniform],
-            "+ SQ-b": [SQB, uniform],
-            "+ Greedy MP (avg <= 4 bits)": [mp],
-            "+ SQ-b + Greedy MP": [SQB, mp]}
+def uniform(mp: dict) -> dict:
+    """Every searched layer at 4 bits: the plain INT4 baseline, same pass and export."""
+    return {**mp, "weight_bits": [4], "budget": {"avg_weight_bits": 4.0}}
+
+
+def greedy(mp: dict) -> dict:
+    """Greedy MP at the baseline's size (average 4 bits per weight)."""
+    return {**mp, "budget": {"avg_weight_bits": 4.0}}
+
+
+BOTH, DIGITS = ("digits", "minilm"), ("digits",)
+ROWS = [
+    ("uniform 4-bit (GPTQ b32)", BOTH, lambda mp: [uniform(mp)]),
+    ("+ scale search (mse_grid 20)", BOTH, lambda mp: [{**uniform(mp), **SCALE_SEARCH}]),
+    ("+ SQ-b (smooth_quant, alpha search)", BOTH, lambda mp: [SQB, uniform(mp)]),
+    ("+ OPT-m (post-GELU two-region)", DIGITS, lambda mp: [{**uniform(mp), "opt_m": True}]),
+    ("+ Greedy MP (avg <= 4 bits)", BOTH, lambda mp: [greedy(mp)]),
+    ("all together (SQ-b + scale search + OPT-m + Greedy MP)", DIGITS,
+     lambda mp: [SQB, {**greedy(mp), **SCALE_SEARCH, "opt_m": True}]),
+    ("all together (SQ-b + scale search + Greedy MP)", ("minilm",),
+     lambda mp: [SQB, {**greedy(mp), **SCALE_SEARCH}]),
+]
+
+
+def row_markdown(model: str, name: str, r: dict, path: Path) -> str:
+    m = r["metrics"]
+    mp = next((p["summary"] for p in r["passes"] if p["type"] == "mixed_precision"), {})
+    mb = onnx_size_bytes(path) / 1e6
+    if model == "digits":
+        return (f"|{name}|{m['compressed']['top1'] * 100:.2f}|{m['drop']['top1_points']:.2f}|"
+                f"{m['compressed']['top1_agreement'] * 100:.2f}%|{m['compressed']['kl']:.2e}|"
+                f"{mp.get('avg_weight_bits')}|{mb:.3f}|")
+    c = m["compressed"]
+    return (f"|{name}|{c['cosine_mean']:.4f}/{c['cosine_min']:.4f}|"
+            f"{c['retrieval_top10_overlap']:.3f}|{mp.get('avg_weight_bits')}|{mb:.3f}|")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/ablation_mixed"))
-    ap.add_argument("--only", default="", help="comma-separated variant indices to run")
+    ap.add_argument("--model", choices=list(RECIPES), default="digits")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/results/ablation_mixed/<model>")
+    ap.add_argument("--only", default="", help="comma-separated row indices to (re)run")
+    ap.add_argument("--set", action="append", default=[], help="recipe override for every row")
     args = ap.parse_args()
-    base = yaml.safe_load(RECIPE.read_text())
-    rows = []
+    out_root = args.out or Path("bench/results/ablation_mixed") / args.model
+    base = yaml.safe_load(RECIPES[args.model].read_text())
+    for kv in args.set:
+        key, _, raw = kv.partition("=")
+        set_dotted(base, key, yaml.safe_load(raw))
     only = {int(i) for i in args.only.split(",") if i}
-    for i, (name, passes) in enumerate(variants(base["passes"][0]).items()):
-        out = args.out / f"v{i}"
-        if only and i not in only and (out / "report.json").exists():
-            r = json.loads((out / "report.json").read_text())
-        else:
-            recipe = {**base, "passes": passes}
+    rows, original = [], None
+    for i, (name, models, make) in enumerate(ROWS):
+        if args.model not in models:
+            continue
+        out = out_root / f"v{i}"
+        run = i in only if only else not (out / "report.json").exists()
+        if run:
+            recipe = {**base, "passes": make(base["passes"][0])}
             recipe["evaluation"] = {**base["evaluation"], "latency": {"enabled": False}}
-            r = compress(parse_recipe(recipe), out_dir=out).report
-        m = r["metrics"]
-        mp = next((p["summary"] for p in r["passes"] if p["type"] == "mixed_precision"), {})
-        rows.append(f"|{name}|{m['compressed']['top1'] * 100:.2f}|{m['drop']['top1_points']:.2f}|"
-                    f"{m['compressed']['top1_agreement'] * 100:.2f}%|{m['compressed']['kl']:.2e}|"
-                    f"{mp.get('avg_weight_bits')}|{onnx_size_bytes(out / 'model.onnx') / 1e6:.3f}|")
+            compress(parse_recipe(recipe), out_dir=out)
+        if not (out / "report.json").exists():
+            continue
+        r = json.loads((out / "report.json").read_text())
+        original = r["metrics"]["original"]
+        rows.append(row_markdown(args.model, name, r, out / "model.onnx"))
         print(rows[-1], flush=True)
-    fp = r["metrics"]["original"]["top1"] * 100
-    md = [f"digits ViT (fp32 ONNX top-1 {fp:.2f}), W4A8: weights GPTQ b32, uint8 activations.\n",
-          "|variant|top-1|drop (points)|agreement|KL|avg weight bits|MB|",
-          "|---|---|---|---|---|---|---|",
-          *rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text("\n".join(md) + "\n")
+    sets = f" Overrides: `{' '.join(args.set)}`." if args.set else ""
+    if args.model == "digits":
+        head = [f"digits ViT (fp32 ONNX top-1 {original['top1'] * 100:.2f}), W4A8: weights GPTQ "
+                f"b32, uint8 activations.{sets}\n",
+                "|variant|top-1|drop (points)|agreement|KL|avg weight bits|MB|",
+                "|---|---|---|---|---|---|---|"]
+    else:
+        head = [f"all-MiniLM-L6-v2, W4A16 (weight-only, as recipes/minilm_mixed.yaml), cosine "
+                f"of the sentence embeddings against fp32.{sets}\n",
+                "|variant|cosine mean/min|top-10 overlap|avg weight bits|MB|",
+                "|---|---|---|---|---|"]
+    md = [*head, *rows]
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -1,13 +1,18 @@
 """Mixed precision and INT4 benchmark: our Greedy MP and INT4 weight-only beside ONNX Runtime's
 4-bit weight quantizer (MatMulNBitsQuantizer), same model and data, one run.
 
-Usage: .venv/bin/python bench/mixed_precision.py [--models minilm,digits] [--repeats 10]
-Writes bench/results/mixed_precision/{results.json,results.md}; BENCHMARKS.md quotes results.md.
+Usage: .venv/bin/python bench/mixed_precision.py [--models minilm,digits] [--skip 2] [--reuse]
+ORT's MatMulNBitsQuantizer variants are built from our fp32 export; our size-budgeted variants
+get ORT's smallest 4-bit file size as their budget, so "better at equal or smaller size" is
+checked in one run. Sizes and fidelity are deterministic; ``--repeats N`` adds latency columns
+(meaningful only on a quiet machine). Writes bench/results/mixed_precision/{results.json,
+results.md}; BENCHMARKS.md quotes results.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -21,17 +26,64 @@ from bench.common import (  # noqa: E402
     evaluate_variants,
     load_bench,
     run_recipe,
+    onnx_size_bytes,
     save,
     table,
     time_variants,
 )
 from compress.report.builder import cpu_name, environment_info  # noqa: E402
 
+EMBEDDINGS = "re:.*embeddings\\.(word|position|token_type)_embeddings"
 MODELS = {
-    # key: (Greedy MP recipe, INT4 weight-only recipe or None, batch sizes, INT4 overrides)
-    "minilm": (RECIPES / "minilm_mixed.yaml", RECIPES / "minilm_int4.yaml", [1, 8, 32], []),
-    "digits": (RECIPES / "digits_vit_mixed.yaml", None, [1, 8, 64], []),
+    # key: batch sizes, our variants as (label, recipe, overrides, size-budgeted), ORT peers as
+    # (bits, block, Gather too, symmetric). Our first variant also provides the fp32 export.
+    # "size-budgeted" variants get passes.0.budget={size_mb: ORT's smallest 4-bit file less our
+    # graph bytes}, so they land at or under ORT's size.
+    "minilm": ([1, 8, 32], [
+        ("compress INT4 GPTQ b32 sym, all embeddings 4-bit (ours)", "minilm_int4.yaml",
+         ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']"], False),
+        ("compress Greedy MP 2/4/8-bit at ORT's size, sym (ours)", "minilm_mixed.yaml",
+         ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']",
+          "passes.0.calibration_samples=64"], True),
+        ("compress Greedy MP avg 4.5 bits, asym (ours, recipes/minilm_mixed.yaml)",
+         "minilm_mixed.yaml", ["passes.0.calibration_samples=64"], False),
+    ], [(4, 32, True, True), (4, 128, True, True), (4, 32, False, False), (8, 32, False, True)]),
+    "digits": ([1, 8, 64], [
+        ("compress Greedy MP W4A8 avg 4 bits, sym (ours)", "digits_vit_mixed.yaml",
+         ["passes.0.symmetric=true"], False),
+        ("compress Greedy MP W4A8 at ORT's size, sym (ours)", "digits_vit_mixed.yaml",
+         ["passes.0.symmetric=true"], True),
+        ("compress Greedy MP W4A8 avg 4 bits, asym (ours, recipes/digits_vit_mixed.yaml)",
+         "digits_vit_mixed.yaml", [], False),
+    ], [(4, 32, False, True), (4, 32, False, False), (4, 128, False, True)]),
 }
+
+
+def graph_bytes(path: Path) -> int:
+    """File size less tensor data: what a size budget on weights does not see."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return onnx_size_bytes(path) - sum(t.ByteSize() for t in proto.graph.initializer)
+
+
+def size_table(bench) -> str:
+    """Sizes and fidelity only (deterministic); latency is measured on a quiet machine."""
+    fp32 = onnx_size_bytes(bench.variants[0].path)
+    if bench.handle.task == "image-classification":
+        lines = ["|variant|top-1|agreement|KL|logit rel. err|MB|x smaller|", "|---" * 7 + "|"]
+    else:
+        lines = ["|variant|cosine mean/min|top-10 overlap|MB|x smaller|", "|---" * 5 + "|"]
+    for v in bench.variants:
+        m, size = v.metrics, onnx_size_bytes(v.path)
+        if bench.handle.task == "image-classification":
+            lines.append(f"|{v.name}|{m['top1'] * 100:.2f}|{m['top1_agreement'] * 100:.2f}%|"
+                         f"{m['kl']:.2e}|{m['logits_rel_error']:.4f}|{size / 1e6:.3f}|"
+                         f"{fp32 / size:.2f}|")
+        else:
+            lines.append(f"|{v.name}|{m['cosine_mean']:.4f}/{m['cosine_min']:.4f}|"
+                         f"{m['retrieval_top10_overlap']:.3f}|{size / 1e6:.3f}|{fp32 / size:.2f}|")
+    return "\n".join(lines)
 
 
 def ort_matmul_nbits(bench, out: Path, *, bits: int = 4, block_size: int = 32,
@@ -62,15 +114,13 @@ def ort_matmul_nbits(bench, out: Path, *, bits: int = 4, block_size: int = 32,
                    build_seconds=time.perf_counter() - t)
 
 
-def reuse_bench(key, recipe: Path, out: Path, batch_sizes):
-    """Like ``load_bench`` but with our model already built in ``out/ours`` (same recipe)."""
-    import json
-
+def reuse_bench(key, recipe: Path, out: Path, batch_sizes, overrides):
+    """Like ``load_bench`` with our first variant already built in ``out/ours``."""
     from bench.common import Bench
     from compress.api import Pipeline
     from compress.recipe import load_recipe
 
-    r = load_recipe(recipe, overrides=["evaluation.latency.enabled=false"])
+    r = load_recipe(recipe, overrides=["evaluation.latency.enabled=false", *overrides])
     p = Pipeline(r, model=None, calib=None, eval=None, out_dir=out / "ours", progress=None,
                  device="cpu")
     p.load()
@@ -85,57 +135,80 @@ def reuse_bench(key, recipe: Path, out: Path, batch_sizes):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="latency rounds (0: sizes and fidelity only, as in BENCHMARKS.md)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/mixed_precision"))
+    ap.add_argument("--skip", default="", help="comma-separated indices of our variants to skip")
     ap.add_argument("--reuse", action="store_true",
-                    help="reuse our variants already built under --out (ours/, int4/)")
+                    help="reuse our variants already built under --out/<model>/ours<i>")
     args = ap.parse_args()
+    skip = {int(i) for i in args.skip.split(",") if i}
     results = {"environment": environment_info(), "command": " ".join(sys.argv), "models": {}}
-    md = [f"Machine: {cpu_name()}, {platform.machine()}, "
-          f"{results['environment']['cpu_threads_available']} threads; "
-          f"onnxruntime {results['environment']['versions']['onnxruntime']}.\n"]
+    md = [f"Machine: {cpu_name()}, {platform.machine()}; "
+          f"onnxruntime {results['environment']['versions']['onnxruntime']}. Command: "
+          f"`{results['command']}`.\n"]
     for key in args.models.split(","):
-        mixed, int4, batch_sizes, int4_overrides = MODELS[key]
+        batch_sizes, ours, peers = MODELS[key]
         work = args.out / key
-        if args.reuse and (work / "ours" / "report.json").exists():
-            bench, ours_path, report, seconds = reuse_bench(key, mixed, work, batch_sizes)
+        label, recipe, overrides, _ = ours[0]
+        if args.reuse and (work / "ours" / "model.onnx").exists():
+            bench, path0, report0, s0 = reuse_bench(key, RECIPES / recipe, work, batch_sizes,
+                                                    overrides)
         else:
-            bench, ours_path, report, seconds = load_bench(key, mixed, work, batch_sizes)
-        summary = report["passes"][0]["summary"]
-        bench.variants = [Variant("fp32", bench.fp32),
-                          Variant(f"compress Greedy MP, avg {summary['avg_weight_bits']} bits "
-                                  f"(ours)", ours_path, build_seconds=seconds)]
-        if int4 is not None and args.reuse and (work / "int4" / "model.onnx").exists():
-            bench.variants.append(Variant("compress INT4 GPTQ b32 (ours)",
-                                          work / "int4" / "model.onnx"))
-        elif int4 is not None:
-            p4, _, s4 = run_recipe(int4, work / "int4", int4_overrides)
-            bench.variants.append(Variant("compress INT4 GPTQ b32 (ours)", p4, build_seconds=s4))
-        peers = [lambda b, w: ort_matmul_nbits(b, w, gather=key == "minilm"),
-                 lambda b, w: ort_matmul_nbits(b, w, gather=False, block_size=32,
-                                               symmetric=False)]
-        if key == "minilm":
-            peers.append(lambda b, w: ort_matmul_nbits(b, w, bits=8, gather=False))
-        for peer in peers:
+            bench, path0, report0, s0 = load_bench(key, RECIPES / recipe, work, batch_sizes,
+                                                   overrides=overrides)
+        ours_built = [Variant(label, path0, build_seconds=s0)]
+        reports = {label: report0}
+        peer_variants = []
+        for bits, block, gather, sym in peers:
             try:
-                bench.variants.append(peer(bench, work))
+                peer_variants.append(ort_matmul_nbits(bench, work, bits=bits, block_size=block,
+                                                      gather=gather, symmetric=sym))
             except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
                 print(f"{key}: ORT quantizer failed: {e}", file=sys.stderr)
-        t = time.time()
+        ort4 = [v for v, (bits, *_rest) in zip(peer_variants, peers, strict=False) if bits == 4]
+        smallest = min(onnx_size_bytes(v.path) for v in ort4)
+        # Our graph bytes (nodes, names, shapes) come on top of the pass's tensor-size estimate,
+        # and so do each quantized layer's tensor headers (names, dims: ~300 bytes; 3% of the
+        # digits ViT's 0.15 MB, nothing on MiniLM).
+        n_quantized = sum(1 for row in report0["layers"] if row.get("weight_bits"))
+        budget_mb = (smallest - graph_bytes(path0) - 300 * n_quantized) / 1e6 - 0.001
+        for i, (label, recipe, overrides, sized) in enumerate(ours[1:], start=1):
+            if i in skip:
+                continue
+            extra = [f"passes.0.budget={{size_mb: {budget_mb:.4f}}}"] if sized else []
+            out = work / f"ours{i}"
+            t = time.perf_counter()
+            if args.reuse and (out / "model.onnx").exists():
+                path = out / "model.onnx"
+                reports[label] = json.loads((out / "report.json").read_text())
+            else:
+                path, reports[label], _ = run_recipe(RECIPES / recipe, out,
+                                                     [*overrides, *extra])
+            ours_built.append(Variant(label, path, build_seconds=time.perf_counter() - t))
+        bench.variants = [Variant("fp32", bench.fp32), *ours_built, *peer_variants]
         evaluate_variants(bench)
-        time_variants(bench, args.repeats)
-        layers = [r for r in report["layers"] if r.get("weight_bits")]
-        hist = summary.get("bits_histogram")
-        md.append(f"### {key}\n\n{table(bench)}\n\nGreedy MP: {hist}, measured calibration "
-                  f"error {summary['final_error']} ({summary['metric']}), "
-                  f"{len(layers)} layers, {summary['sensitivities_measured']} sensitivities.\n")
+        if args.repeats:
+            time_variants(bench, args.repeats)
+        notes = []
+        for label, r in reports.items():
+            p = r["passes"][0]
+            s = p["summary"]
+            if p["type"] == "mixed_precision":
+                notes.append(f"- {label}: {s['bits_histogram']}, avg {s['avg_weight_bits']} "
+                             f"bits, estimated {s['estimated_size_mb']} MB")
+        md.append(f"### {key}\n\nORT's smallest 4-bit file: {smallest / 1e6:.3f} MB; size "
+                  f"budget given to our sized variants: {budget_mb:.4f} MB of tensors.\n\n"
+                  f"{table(bench) if args.repeats else size_table(bench)}\n\n"
+                  + "\n".join(notes) + "\n")
         results["models"][key] = {
-            "greedy_mp": {k: v for k, v in summary.items() if k != "trajectory"},
-            "layers": layers,
-            **{v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1), **v.metrics}
+            "size_budget_mb": budget_mb,
+            "summaries": {k: {kk: vv for kk, vv in r["passes"][0]["summary"].items()
+                              if kk != "trajectory"} for k, r in reports.items()},
+            **{v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1),
+                        "mb": onnx_size_bytes(v.path) / 1e6, **v.metrics}
                for v in bench.variants}}
         print(md[-1], flush=True)
-        print(f"({key}: evaluated and timed in {time.time() - t:.0f} s)", file=sys.stderr)
     save(results, args.out, "\n".join(md))
 
 

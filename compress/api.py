@@ -36,7 +36,7 @@ from .errors import (
 )
 from .evaluate.gate import describe_failure, gate_checks
 from .evaluate.metrics import output_agreement, task_metrics
-from .export.onnx import export_onnx, onnx_files, onnx_size_bytes, op_histogram
+from .export.onnx import export_onnx, onnx_files, onnx_size_bytes, op_histogram, slim_onnx
 from .export.ort_lowering import lower_file
 from .export.ort import default_threads, make_session, measure_latencies, predict_onnx
 from .models import ModelHandle, load_model
@@ -398,6 +398,8 @@ class Pipeline:
             with self.stage("export"):
                 self.export_compressed()
                 self.run_passes("onnx")
+                if any(get_pass(p.type).stage == "onnx" for p in self.recipe.passes):
+                    slim_onnx(self.model_onnx)   # ORT's quantizers write value_info and docs
             with self.stage("evaluate"):
                 self.evaluate()
             with self.stage("latency"):

@@ -33,8 +33,9 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 def export_onnx(handle: ModelHandle, path: Path, *, opset: int = 21,
-                external_data: str = "auto") -> Path:
-    """Export ``handle.module`` (eval mode, CPU) to ``path``; returns the path."""
+                external_data: str = "auto", slim: bool = True) -> Path:
+    """Export ``handle.module`` (eval mode, CPU) to ``path``; returns the path. ``slim``: drop
+    what ORT never reads (``slim_proto``); off, only the exporter's stack traces are removed."""
     module = handle.module
     module.eval()
     device = handle.device
@@ -65,7 +66,10 @@ def export_onnx(handle: ModelHandle, path: Path, *, opset: int = 21,
         raise ExportError(f"ONNX export of {handle.name} failed: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from e
     log.debug("exporter output:\n%s", captured.getvalue())
-    _strip_node_metadata(path)
+    if slim:
+        slim_onnx(path)
+    else:
+        _strip_node_metadata(path)
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
@@ -73,9 +77,86 @@ def export_onnx(handle: ModelHandle, path: Path, *, opset: int = 21,
     return path
 
 
-# Node metadata the dynamo exporter writes; only the module path is worth keeping (it maps graph
-# nodes back to layers). Stack traces and class lists can triple a small model's file and leak
-# local paths.
+def slim_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop what ONNX Runtime never reads, in place: ``value_info`` of initializers (their
+    shapes are in the tensors), metadata on nodes and value_info (the dynamo exporter's stack
+    traces, class lists, module-path scopes and graph-signature tags; nothing in compress maps
+    nodes back through them) and doc strings. Kept: node names (``ort_quantize``'s
+    ``nodes_to_exclude`` and ORT's quantization tools address nodes by name) and the
+    intermediate value_info, whose symbolic dims ("batch") ORT's own shape inference cannot
+    recover and its fusions compare (without them one SkipLayerNormalization fusion is lost on
+    a ViT and outputs move by 1e-8). Outputs are bit-identical (tests/export/test_onnx.py)."""
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        constants = {t.name for t in g.initializer}
+        keep = [v for v in g.value_info if v.name not in constants]
+        del g.value_info[:]
+        for v in keep:
+            del v.metadata_props[:]
+            v.doc_string = ""
+        g.value_info.extend(keep)
+        g.doc_string = ""
+        for node in g.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            # Control-flow subgraphs (If/Loop/Scan) carry their own value_info.
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
+            for a in node.attribute:
+                graphs += list(a.graphs)
+        for t in list(g.input) + list(g.output):
+            t.doc_string = ""
+    proto.doc_string = ""
+    drop_default_zero_points(proto)
+    return proto
+
+
+def drop_default_zero_points(proto: onnx.ModelProto) -> int:
+    """Remove MatMulNBits / GatherBlockQuantized zero points that equal the default, 2^(bits-1) in
+    every block (symmetric quantization): ORT substitutes the same value, so outputs do not
+    change and the file loses half a byte per 4-bit block. Returns how many were dropped."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    dropped = 0
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or \
+                len(node.input) < 4 or node.input[3] not in inits:
+            continue
+        # GatherBlockQuantized on uint8 data also defaults to 2^(bits-1) (checked bit-identical
+        # on MiniLM's 4-bit embeddings, ORT 1.32).
+        bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+        zp = numpy_helper.to_array(inits[node.input[3]])
+        if zp.dtype.kind != "u" or zp.itemsize != 1:
+            continue   # float zero points (HQQ) have no default
+        half = 1 << (bits - 1)
+        pattern = sum(half << (bits * k) for k in range(8 // bits))   # codes packed per byte
+        if zp.size == 0 or not (zp == pattern).all():
+            continue
+        name = node.input[3]
+        node.input[3] = ""
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+        uses[name] -= 1
+        if uses[name] == 0:
+            proto.graph.initializer.remove(inits.pop(name))
+        dropped += 1
+    return dropped
+
+
+def slim_onnx(path: Path) -> None:
+    """``slim_proto`` on a saved model file (external data, if any, is left where it is)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    onnx.save(slim_proto(proto), str(path))
+
+
+# Without ``slim``: node metadata the dynamo exporter writes, only the module path kept (it maps
+# graph nodes back to layers by eye). Stack traces and class lists can triple a small model's file
+# and leak local paths.
 KEEP_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
 
 

@@ -14,11 +14,12 @@ from ..errors import RecipeError
 from ..models.handle import ModelHandle
 from ..parallel import map_tasks
 from ..quant.mixed import LayerChoice, greedy_path, output_error, state_at
-from ..quant.modules import ActQuantizer, QuantLinear
+from ..quant.modules import ActQuantizer, QuantLinear, TwoRegionActQuantizer
 from ..quant.observers import make_observer
 from ..quant.weight_only import container_bits
 from ..registry import PassConfig, register_pass
 from ..targeting import LayerPatterns, _matches, check_patterns, select_modules, set_submodule
+from .quantize import POST_GELU
 from .weight_only import BlockSize, check_block_sizes, collect_hessians, make_nbits, quantize_weight
 
 WBits = Literal[2, 3, 4, 5, 6, 8]
@@ -91,6 +92,11 @@ class MixedPrecisionConfig(PassConfig):
     block_size: BlockSize = Field(32, description="weight block size below 8 bits (power of two)")
     symmetric: bool = False
     method: Literal["rtn", "gptq", "hqq"] = "gptq"
+    mse_grid: int = Field(0, ge=0, le=100, description="weight scale search: range-shrink steps "
+                                                        "per block by MSE (0: min-max)")
+    opt_m: bool = Field(
+        False, description="OPT-m: two-region 8-bit quantizer on post-GELU inputs (mlp.fc2, BERT "
+        "output.dense), split and m searched by output error; needs act_bits")
     accuracy_level: Literal[0, 1, 4] = 4
     calibration_samples: int = Field(128, ge=1, description="Hessians and activation ranges")
     sensitivity_samples: int = Field(32, ge=1, description="samples per sensitivity")
@@ -156,16 +162,21 @@ def measure_layer(t: SensitivityTask, s: SensitivityShared) -> dict[tuple, float
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def _layer_size(m: nn.Module, cfg: tuple | None, block: int) -> float:
+def _layer_size(m: nn.Module, cfg: tuple | None, block: int, symmetric: bool = False) -> float:
     n = m.weight.numel()
     if cfg is None:
         return 4.0 * n
     w, a = cfg
     if isinstance(m, nn.Linear) and w == 8 and a is not None:
         return n + 5.0 * m.out_features            # int8 codes + fp32 scale + zp per channel
-    c = container_bits(w)
+    if isinstance(m, nn.Embedding):
+        c = w if w in (4, 8) else 8                # GatherBlockQuantized's containers
+    else:
+        c = container_bits(w)
+    # Symmetric zero points equal the operators' default and are dropped at export.
+    zero = 0.0 if symmetric else c / 8
     blocks = n / block
-    return n * c / 8 + blocks * (4 + c / 8)
+    return n * c / 8 + blocks * (4 + zero)
 
 
 def _pin_for(name: str, module: nn.Module, overrides: dict) -> tuple[bool, object]:
@@ -178,19 +189,29 @@ def _pin_for(name: str, module: nn.Module, overrides: dict) -> tuple[bool, objec
 class _ActRange:
     """Observe a layer input's range (and element count per sample) on the float model."""
 
-    def __init__(self):
+    def __init__(self, opt_m: bool = False):
         self.obs = make_observer("minmax", 99.99)
         self.elements = 0
+        # OPT-m: keep a sample of input rows for the two-region search.
+        self.two_region = TwoRegionActQuantizer(8) if opt_m else None
+        if opt_m:
+            self.two_region.start_observing()
 
     def __call__(self, mod, args):
         x = args[0]
         self.obs.observe(x)
         self.elements = x[0].numel()
+        if self.two_region is not None:
+            self.two_region(x)
 
 
 def _act_quantizer(bits: int | None, rng: _ActRange | None) -> ActQuantizer | None:
     if bits is None:
         return None
+    if bits == 8 and rng.two_region is not None and rng.two_region.mode == "quant":
+        import copy
+
+        return copy.deepcopy(rng.two_region)
     q = ActQuantizer(bits, symmetric=False)
     lo, hi = rng.obs.range()
     q.set_range(lo, hi)
@@ -228,7 +249,9 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         "cosine" if model.task == "text-embedding" else "kl")
 
     # Float statistics: activation ranges and GPTQ Hessians from one calibration pass each.
-    ranges = {n: _ActRange() for n, m in layers.items() if isinstance(m, nn.Linear)}
+    opt_m = config.opt_m and bool(config.act_bits)
+    ranges = {n: _ActRange(opt_m and bool(POST_GELU.fullmatch(n)))
+              for n, m in layers.items() if isinstance(m, nn.Linear)}
     hooks = [layers[n].register_forward_pre_hook(r) for n, r in ranges.items()]
     with torch.no_grad():
         try:
@@ -237,6 +260,13 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         finally:
             for h in hooks:
                 h.remove()
+    opt_m_layers = {}
+    for n, r in ranges.items():
+        if r.two_region is not None:
+            best = r.two_region.search(layers[n].weight)
+            opt_m_layers[n] = best
+            ctx.report.add_layer(n, opt_m_split=round(float(best["split"]), 4),
+                                 opt_m_m=best["m"])
     ctx.progress(0.05, "activation ranges observed")
 
     gq_cache: dict[tuple[str, int], object] = {}
@@ -252,7 +282,8 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         if key not in gq_cache:
             method = config.method if w < 8 and isinstance(m, nn.Linear) else "rtn"
             gq_cache[key] = quantize_weight(m.weight, w, config.block_size, config.symmetric,
-                                            method, hessians.get(name))
+                                            method, hessians.get(name),
+                                            mse_grid=config.mse_grid)
         aq = _act_quantizer(a, ranges.get(name)) if isinstance(m, nn.Linear) else None
         return make_nbits(m, gq_cache[key], aq, config.accuracy_level)
 
@@ -268,7 +299,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         choices.append(LayerChoice(
             n, cfgs, {c: params * c[0] for c in cfgs},
             {c: elements * (c[1] or 0) for c in cfgs},
-            {c: _layer_size(m, c, config.block_size) for c in cfgs}))
+            {c: _layer_size(m, c, config.block_size, config.symmetric) for c in cfgs}))
 
     # Fixed contributions to the averages and the size.
     w_fixed = [0.0, 0.0]
@@ -280,7 +311,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         if a is not None and n in ranges:
             a_fixed[0] += ranges[n].elements * a
             a_fixed[1] += ranges[n].elements
-        fixed_bytes += _layer_size(m, (w, a), config.block_size)
+        fixed_bytes += _layer_size(m, (w, a), config.block_size, config.symmetric)
     total_param_bytes = sum(p.numel() * 4.0 for p in _float_params(module, layers))
     fixed_bytes += total_param_bytes + sum(4.0 * m.weight.numel() for m in floats.values())
     b = config.budget
@@ -400,6 +431,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         estimated_size_mb=round(final[2] / 1e6, 3), searched_layers=len(search),
         pinned_layers=len(pinned), float_layers=len(floats),
         sensitivities_measured=sum(len(t.candidates) for t in tasks),
+        opt_m_layers=len(opt_m_layers),
         bits_histogram=_histogram(state, pinned))
     if b.max_error is not None and final_error > b.max_error:
         ctx.report.warn(f"measured {metric} error {final_error:.4g} exceeds budget.max_error "

@@ -114,3 +114,33 @@ def test_minilm_mixed_done_when(tmp_path, minilm_dir):
     assert r["passes"][0]["summary"]["avg_weight_bits"] <= 4.5
     assert r["metrics"]["compressed"]["cosine_mean"] >= 0.985
     assert result.model_path.stat().st_size <= 20e6
+
+
+def test_size_budget_is_met_by_the_exported_file(tmp_path, tiny_vit_files):
+    # A size budget between all-2-bit and all-8-bit, symmetric (no zero points in the file),
+    # with OPT-m and scale search on: the searched model's tensor data in model.onnx stays
+    # within the budget and the pass's estimate bounds it from above.
+    import onnx
+
+    from compress.export.onnx import onnx_size_bytes
+
+    recipe = _recipe(tiny_vit_files, budget={"size_mb": 0.26}, symmetric=True, opt_m=True,
+                     mse_grid=10, act_bits=[8])
+    r = compress(parse_recipe(recipe), out_dir=tmp_path / "out").report
+    s = r["passes"][0]["summary"]
+    path = tmp_path / "out" / "model.onnx"
+    proto = onnx.load(str(path))
+    tensors = sum(t.ByteSize() for t in proto.graph.initializer)
+    assert s["estimated_size_mb"] <= 0.26
+    assert tensors <= 0.26e6
+    # The pass's estimate is conservative (never under the file's tensor bytes) and close.
+    assert 0.9 * s["estimated_size_mb"] <= tensors / 1e6 <= s["estimated_size_mb"]
+    graph = onnx_size_bytes(path) - tensors
+    assert onnx_size_bytes(path) <= 0.26e6 + graph
+    assert len({row["weight_bits"] for row in r["layers"] if row.get("weight_bits")}) >= 2
+    # Symmetric MatMulNBits carry no zero-point input; OPT-m searched the post-GELU fc2s.
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) < 4 or not n.input[3] for n in nbits)
+    fc2 = [row for row in r["layers"] if row["name"].endswith("mlp.fc2")]
+    assert fc2 and s["opt_m_layers"] == len(fc2)
+    assert all(p["cosine"] > 0.99 for p in r["export"]["parity"])

@@ -1,0 +1,83 @@
+import numpy as np
+import onnx
+import torch
+
+from compress.export.onnx import export_onnx, onnx_size_bytes, slim_onnx
+from compress.export.ort import make_session
+from compress.models import ModelHandle
+from compress.passes.weight_only import make_nbits, quantize_weight
+from compress.quant.modules import ActQuantizer
+from tests.helpers import make_tiny_vit
+
+
+def _quantized_tiny_vit():
+    """A tiny ViT with the graph pieces our exports contain: MatMulNBits with and without an
+    activation Q/DQ in front, beside float layers."""
+    m = make_tiny_vit()
+    for i, name in enumerate(["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.mlp.fc2"]):
+        layer = m.get_submodule(name)
+        aq = None
+        if i != 1:
+            aq = ActQuantizer(8, symmetric=False)
+            aq.set_range(torch.tensor(-4.0), torch.tensor(4.0))
+        gq = quantize_weight(layer.weight, 4, 16, symmetric=i == 2, method="rtn")
+        parent, _, child = name.rpartition(".")
+        setattr(m.get_submodule(parent), child, make_nbits(layer, gq, aq))
+    return ModelHandle(task="image-classification", source="timm", name="t", module=m,
+                       data_config={"input_size": (3, 32, 32)})
+
+
+def _graph_bytes(path):
+    proto = onnx.load(str(path))
+    return onnx_size_bytes(path) - sum(t.ByteSize() for t in proto.graph.initializer)
+
+
+def test_slim_export_keeps_outputs_bit_identical_and_is_smaller(tmp_path):
+    h = _quantized_tiny_vit()
+    full = export_onnx(h, tmp_path / "full.onnx", slim=False)
+    slim = tmp_path / "slim.onnx"
+    slim.write_bytes(full.read_bytes())
+    slim_onnx(slim)
+
+    proto = onnx.load(str(slim))
+    constants = {t.name for t in proto.graph.initializer}
+    assert not any(n.metadata_props for n in proto.graph.node)
+    assert not any(v.metadata_props or v.name in constants for v in proto.graph.value_info)
+    # The symmetric layer's zero points equal MatMulNBits' default: dropped; the others kept.
+    has_zp = sorted(len(n.input) > 3 and bool(n.input[3]) for n in proto.graph.node
+                    if n.op_type == "MatMulNBits")
+    assert has_zp == [False, True, True]
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMulNBits", "QuantizeLinear"} <= ops
+    # Node names stay (ort_quantize's nodes_to_exclude addresses them).
+    assert [n.name for n in proto.graph.node] == [n.name for n in onnx.load(str(full)).graph.node]
+    # Graph bytes (file less tensor data) shrink by over a third; the data is untouched.
+    assert _graph_bytes(slim) < 0.65 * _graph_bytes(full)
+
+    a, b = make_session(full, threads=1), make_session(slim, threads=1)
+    for bs in (1, 3):
+        x = torch.randn(bs, 3, 32, 32, generator=torch.Generator().manual_seed(bs)).numpy()
+        feed = {a.get_inputs()[0].name: x}
+        ya, yb = a.run(None, feed)[0], b.run(None, feed)[0]
+        assert np.array_equal(ya, yb)
+        with torch.no_grad():
+            ref = h.module(torch.from_numpy(x)).numpy()
+        # MatMulNBits at accuracy level 4 rounds its inputs to int8: close, not equal.
+        cos = (yb * ref).sum(1) / np.linalg.norm(yb, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() > 0.999
+
+
+def test_slim_export_of_a_text_model_runs_bit_identical(tmp_path, tiny_bert_dir):
+    from compress.models.loaders import load_model
+    from compress.specs import ModelSpec
+
+    h = load_model(ModelSpec(source="hf", path=str(tiny_bert_dir)), tiny_bert_dir)
+    full = export_onnx(h, tmp_path / "full.onnx", slim=False)
+    slim = export_onnx(h, tmp_path / "slim.onnx")
+    assert onnx_size_bytes(slim) < onnx_size_bytes(full)
+    a, b = make_session(full, threads=1), make_session(slim, threads=1)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    feed = {a.get_inputs()[0].name: ids, a.get_inputs()[1].name: mask}
+    assert np.array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
