@@ -263,7 +263,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
     opt_m_layers = {}
     for n, r in ranges.items():
         if r.two_region is not None:
-            best = r.two_region.search(layers[n].weight)
+            best = r.two_region.search(layers[n].weight.T)
             opt_m_layers[n] = best
             ctx.report.add_layer(n, opt_m_split=round(float(best["split"]), 4),
                                  opt_m_m=best["m"])
