@@ -30,7 +30,7 @@ from compress.report.builder import cpu_name, environment_info  # noqa: E402
 
 MODELS = {
     # key: (batch sizes, [(variant name, recipe)]); the first recipe also provides fp32.
-    "digits": ([8, 64], [("ToMe (r=10, decreasing)", "digits_vit_tome.yaml"),
+    "digits": ([8, 64], [("ToMe (r=[24, 8, 0, 0])", "digits_vit_tome.yaml"),
                          ("ToMe + W8A8", "digits_vit_tome_int8.yaml"),
                          ("W8A8 only", "digits_vit_w8a8.yaml")]),
     "deit": ([8], [("ToMe (r=16)", "deit_small_tome.yaml"),

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..tokens.interpret import PerBlockAgent, attention_mask, gather_kept, keep_decisions
+from ..tokens.merge import weighted_token_mean
 from .mixin import mix_into
 
 
@@ -69,9 +70,8 @@ class InterpretedViT(nn.Module):
         if pool_type != "avg" or u is None:
             return super().pool(x, pool_type)
         # Average over the kept tokens only (carried dropped ones have u = 0).
-        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        w = u[:, p:, None].to(x.dtype)
-        return (x[:, p:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return weighted_token_mean(x, u[..., None], 0 if self.pool_include_prefix else
+                                   self.num_prefix_tokens)
 
 
 def patch_ia_red(model: nn.Module, locations: list[int], heads: int = 2, head_dim: int = 16,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..tokens.merge import bipartite_soft_matching, merge_wavg
+from ..tokens.merge import bipartite_soft_matching, merge_wavg, weighted_token_mean
 from ..tokens.prune import class_attention, keep_count, topk_keep
 from .attention import make_attention_explicit
 from .mixin import mix_into
@@ -91,9 +91,8 @@ class TokenReducedViT(nn.Module):
         if pool_type != "avg" or size is None:
             return super().pool(x, pool_type)
         # Average over patches, not over merged tokens: each token counts as its size.
-        p = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        s = size[:, p:]
-        return (x[:, p:] * s).sum(1) / s.sum(1)
+        return weighted_token_mean(x, size, 0 if self.pool_include_prefix else
+                                   self.num_prefix_tokens)
 
 
 def patch_vit(model: nn.Module, plan: list, prop_attn: bool = True) -> None:

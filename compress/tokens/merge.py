@@ -65,6 +65,13 @@ def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor | None
     return x / size, size
 
 
+def weighted_token_mean(x: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
+    """Mean of tokens ``start:`` of x (B, N, C), each counted ``weight`` (B, N, 1) times: a
+    merged token as the patches it stands for, a dropped-but-carried one as zero."""
+    w = weight[:, start:].to(x.dtype)
+    return (x[:, start:] * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 def parse_r(depth: int, r: int | list[int], schedule: str = "constant") -> list[int]:
     """Per-block merge counts: a list as given, or ``r`` constant, or decreasing 2r -> 0.
 
