@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--ours", default="fast,w8a8", help="our recipes to include: fast, w8a8")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantization"))
     ap.add_argument("--threads", type=int, default=None,
-                    help="ONNX Runtime threads for timing (default: every core this process may use)")
+                    help="ONNX Runtime threads for timing (default: every core it may use)")
     ap.add_argument("--timing-cores", default=None, help=(
         "comma-separated CPU ids to pin timing to (builds use every core), e.g. 2,3 to time "
         "'2 cores' on a larger machine; threads default to their count"))

@@ -41,7 +41,8 @@ def lower_integer_matmuls(model: onnx.ModelProto, only: set[str] | None = None) 
     Only the exact pattern ORT itself would fuse is touched: a per-tensor activation scale, an
     int8 weight initializer dequantized per output column (axis 1) or per tensor, and a 1-D float
     bias initializer of the output width. Anything else (int4 weights, per-row scales, a MatMul
-    between two activations) is left as it is.
+    between two activations) is left as it is. ``only``: output names of the MatMuls to touch
+    (``ort_fused_matmuls``), so that nothing runs integer that ORT would have run in float.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -206,7 +207,8 @@ def lower_attention(model: onnx.ModelProto) -> int:
         q, k, v = (producer.get(t) for t in ins[:3])
         parts = None
         if q is not None and q.op_type == "Slice" and all(
-                p is not None and p.op_type == "Slice" and p.input[0] == q.input[0] for p in (k, v)):
+                p is not None and p.op_type == "Slice" and p.input[0] == q.input[0]
+                for p in (k, v)):
             mm = producer.get(q.input[0])
             got = proj_parts(mm)
             ranges = [_slice_range(p, inits) for p in (q, k, v)]
@@ -244,7 +246,8 @@ def lower_attention(model: onnx.ModelProto) -> int:
         prefix = (node.name or node.output[0]) + "/qattention"
         for suffix, arr in (("weight", w), ("weight_scale", ws), ("weight_zero_point", wz),
                             ("bias", b)):
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), f"{prefix}.{suffix}"))
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(arr),
+                                                     f"{prefix}.{suffix}"))
         first = mms[0]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         replacements[id(node)] = onnx.helper.make_node(
