@@ -4,8 +4,9 @@ and one QAttention per layer, and computes what ORT computes for the Q/DQ graph.
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
-import pytest
+from onnx import numpy_helper
 
 from compress import compress
 from compress.export.ort_lowering import lower_file
@@ -21,14 +22,26 @@ def _outputs(path, feed):
 
 
 def test_vit_lowering_matches_qdq_graph_in_ort(tmp_path, tiny_vit_files):
+    from compress.export.onnx import op_histogram
+
     result = compress(parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[FAST])),
                       out_dir=tmp_path / "qdq")
     qdq = result.model_path
+    # every weight code within +-63: the AVX2 u8s8 kernel's int16 pair sums cannot saturate
+    codes = [numpy_helper.to_array(t) for t in onnx.load(str(qdq)).graph.initializer
+             if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert codes and max(int(np.abs(c).max()) for c in codes) == 63
     low = tmp_path / "low.onnx"
     shutil.copy(qdq, low)
     done = lower_file(low)
     # test_vit: 6 blocks of qkv/proj/fc1/fc2; the 2-D head stays a float Gemm in ORT.
     assert done == {"matmuls": 24, "attention": 6}
+    ops = op_histogram(low)
+    assert ops["com.microsoft::QAttention"] == 6
+    assert ops["com.microsoft::MatMulIntegerToFloat"] == 18
+    assert "com.microsoft::MultiHeadAttention" not in ops
+    # bias Adds are gone: what remains are the 12 residual adds and the position embedding
+    assert ops["Add"] <= 14
     rng = np.random.default_rng(0)
     for bs in (1, 3, 8):
         feed = {"pixel_values": rng.standard_normal((bs, 3, 32, 32)).astype(np.float32)}
@@ -36,18 +49,15 @@ def test_vit_lowering_matches_qdq_graph_in_ort(tmp_path, tiny_vit_files):
         assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
 
 
-def test_recipe_option_lowers_and_reports(tmp_path, tiny_vit_files):
-    recipe = tiny_vit_recipe(tiny_vit_files, passes=[FAST])
-    recipe["export"]["ort_cpu_kernels"] = True
-    r = compress(parse_recipe(recipe), out_dir=tmp_path / "out").report
-    ops = r["export"]["op_histogram"]
-    assert ops["com.microsoft::QAttention"] == 6
-    assert ops["com.microsoft::MatMulIntegerToFloat"] == 18
-    assert "com.microsoft::MultiHeadAttention" not in ops
-    # bias Adds are gone: what remains are the 12 residual adds and the position embedding
-    assert ops["Add"] <= 14
-    assert r["export"]["ort_cpu_kernels"] == {"matmuls": 24, "attention": 6}
-    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
+def test_reduce_range_is_on_exactly_where_int8_saturates(monkeypatch):
+    from compress.passes import quantize as q
+
+    assert q.effective_weight_bits(q.WeightQuant(bits=8, reduce_range=True)) == 7
+    assert q.effective_weight_bits(q.WeightQuant(bits=8, reduce_range=False)) == 8
+    assert q.effective_weight_bits(q.WeightQuant(bits=4, reduce_range=True)) == 4
+    for saturates, bits in ((True, 7), (False, 8)):
+        monkeypatch.setattr(q, "u8s8_saturates", lambda s=saturates: s)
+        assert q.effective_weight_bits(q.WeightQuant(bits=8)) == bits
 
 
 def test_bert_lowering_keeps_padding_mask(tmp_path, tiny_bert_dir, sentences):
@@ -77,17 +87,3 @@ def test_bert_lowering_keeps_padding_mask(tmp_path, tiny_bert_dir, sentences):
     feed_nomask = dict(feed, attention_mask=np.ones_like(ids))
     c = _outputs(low, feed_nomask)
     assert np.abs(c[1] - b[1]).max() > 1e-3
-
-
-@pytest.mark.parametrize("reduce,limit", [(True, 63), (False, 127)])
-def test_weight_codes_range(tmp_path, tiny_vit_files, reduce, limit):
-    """reduce_range keeps |code| <= 63: the AVX2 u8s8 kernel's int16 pair sums cannot saturate."""
-    import onnx
-    from onnx import numpy_helper
-
-    passes = [dict(FAST, weights={"bits": 8, "reduce_range": reduce})]
-    path = compress(parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=passes)),
-                    out_dir=tmp_path / "out").model_path
-    codes = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
-             if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
-    assert codes and max(int(np.abs(c).max()) for c in codes) == limit

@@ -125,7 +125,7 @@ def test_size_budget_is_met_by_the_exported_file(tmp_path, tiny_vit_files):
     from compress.export.onnx import onnx_size_bytes
 
     recipe = _recipe(tiny_vit_files, budget={"size_mb": 0.26}, symmetric=True, opt_m=True,
-                     mse_grid=10, act_bits=[8])
+                     mse_grid=4, act_bits=[8])
     r = compress(parse_recipe(recipe), out_dir=tmp_path / "out").report
     s = r["passes"][0]["summary"]
     path = tmp_path / "out" / "model.onnx"
