@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -29,15 +30,16 @@ def default_threads() -> int:
 EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # the CPU does not change under a running process
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def u8s8_saturates() -> bool:

@@ -139,12 +139,12 @@ def ignored(name: str, patterns: list[str], module: nn.Module) -> bool:
     return any(_matches(p, name, module) for p in patterns)
 
 
-def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str) -> dict[str, nn.Module]:
-    """Replace targeted Linear/Conv2d layers by quantized ones; returns them by name."""
+def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str,
+                bits: int) -> dict[str, nn.Module]:
+    """Replace targeted Linear/Conv2d layers by ``bits``-bit ones; returns them by name."""
     chosen = select_modules(model, config.targets, config.ignore, (nn.Linear, nn.Conv2d),
                             field_prefix=prefix)
     wrapped = {}
-    bits = effective_weight_bits(config.weights)
     for name, layer in chosen.items():
         act = new_act_quantizer(config.activations, name)
         cls = QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d
@@ -175,7 +175,8 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
     module = model.module
     prefix = f"passes.{ctx.index}."
     fused = fuse_attention(module) if config.fused_attention else []
-    layers = wrap_layers(module, config, prefix)
+    w_bits = effective_weight_bits(config.weights)
+    layers = wrap_layers(module, config, prefix, w_bits)
     matmuls = {}
     if config.attention_matmuls and config.activations is not None:
         matmuls = wrap_attention_matmuls(module, config)
@@ -192,7 +193,6 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
         for name, best in opt_m.items():
             ctx.report.add_layer(name, opt_m_split=float(f"{float(best['split']):.4g}"),
                                  opt_m_m=best["m"])
-    w_bits = effective_weight_bits(config.weights)
     for q in layers.values():
         wobs = config.weights.observer
         q.quantize_weight(None if wobs == "minmax" else

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..tokens.interpret import PerBlockAgent, attention_mask, gather_kept, keep_decisions
-from ..tokens.merge import weighted_token_mean
 from .mixin import mix_into
+from .vit_tokens import TokenWeightedPool
 
 
 def check_ia_red_model(model: nn.Module) -> None:
@@ -37,7 +37,7 @@ def check_ia_red_model(model: nn.Module) -> None:
             f"ia_red needs global_pool 'token' or 'avg', not {model.global_pool!r}")
 
 
-class InterpretedViT(nn.Module):
+class InterpretedViT(TokenWeightedPool):
     """Mixin for timm VisionTransformer: interpreters prune tokens before chosen blocks."""
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
@@ -61,17 +61,10 @@ class InterpretedViT(nn.Module):
                 mask = attention_mask(u, x.dtype)
             x = blk(x, attn_mask=mask)
         if self.global_pool == "avg":
-            self._ia_red_keep = u   # read by pool(); token pooling needs no mask
+            # average over the kept tokens only (carried dropped ones have u = 0); token
+            # pooling needs no mask
+            self._pool_weights = None if u is None else u[..., None]
         return self.norm(x)
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        u = getattr(self, "_ia_red_keep", None)
-        if pool_type != "avg" or u is None:
-            return super().pool(x, pool_type)
-        # Average over the kept tokens only (carried dropped ones have u = 0).
-        return weighted_token_mean(x, u[..., None], 0 if self.pool_include_prefix else
-                                   self.num_prefix_tokens)
 
 
 def patch_ia_red(model: nn.Module, locations: list[int], heads: int = 2, head_dim: int = 16,

@@ -68,7 +68,21 @@ def reduce_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None, ste
     return x, size
 
 
-class TokenReducedViT(nn.Module):
+class TokenWeightedPool(nn.Module):
+    """Mixin for timm VisionTransformer whose forward_features leaves ``_pool_weights``
+    (B, N, 1): average pooling then counts each token that many times (a merged token as the
+    patches it stands for, a dropped-but-carried one as zero); class-token pooling is as is."""
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        weights = getattr(self, "_pool_weights", None)
+        if pool_type != "avg" or weights is None:
+            return super().pool(x, pool_type)
+        return weighted_token_mean(x, weights, 0 if self.pool_include_prefix else
+                                   self.num_prefix_tokens)
+
+
+class TokenReducedViT(TokenWeightedPool):
     """Mixin for timm VisionTransformer: blocks with token reduction, size-weighted pooling."""
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
@@ -82,17 +96,8 @@ class TokenReducedViT(nn.Module):
         for blk, step in zip(self.blocks, info["plan"]):
             x, size = reduce_block(blk, x, size, step, self.num_prefix_tokens, info["prop_attn"],
                                    record)
-        self._token_sizes = size
+        self._pool_weights = size  # average over patches, not over merged tokens
         return self.norm(x)
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        size = getattr(self, "_token_sizes", None)
-        if pool_type != "avg" or size is None:
-            return super().pool(x, pool_type)
-        # Average over patches, not over merged tokens: each token counts as its size.
-        return weighted_token_mean(x, size, 0 if self.pool_include_prefix else
-                                   self.num_prefix_tokens)
 
 
 def patch_vit(model: nn.Module, plan: list, prop_attn: bool = True) -> None:

@@ -26,8 +26,8 @@ def test_empty_plan_is_exact_and_tome_keeps_outputs_close():
         patch_vit(m, [("tome", 2)] * 6)
         out = m(x)
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.9
-    assert m._token_sizes.shape[1] == 17 - 6 * 2
-    assert (m._token_sizes.sum(1) == 17).all()
+    assert m._pool_weights.shape[1] == 17 - 6 * 2
+    assert (m._pool_weights.sum(1) == 17).all()
 
 
 @pytest.mark.parametrize("plan", [[("tome", 3)] * 6, [None, ("evit", 0.5), None, ("evit", 0.5),
