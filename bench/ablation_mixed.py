@@ -56,6 +56,8 @@ ROWS = [
      lambda mp: [SQB, {**greedy(mp), **SCALE_SEARCH, "opt_m": True}]),
     ("all together (SQ-b + scale search + Greedy MP)", ("minilm",),
      lambda mp: [SQB, {**greedy(mp), **SCALE_SEARCH}]),
+    ("Greedy MP at the recipe's avg <= 4.5 bits (not equal size)", ("minilm",),
+     lambda mp: [mp]),
 ]
 
 

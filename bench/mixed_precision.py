@@ -2,9 +2,9 @@
 4-bit weight quantizer (MatMulNBitsQuantizer), same model and data, one run.
 
 Usage: .venv/bin/python bench/mixed_precision.py [--models minilm,digits] [--skip 2] [--reuse]
-ORT's MatMulNBitsQuantizer variants are built from our fp32 export; our size-budgeted variants
-get ORT's smallest 4-bit file size as their budget, so "better at equal or smaller size" is
-checked in one run. Sizes and fidelity are deterministic; ``--repeats N`` adds latency columns
+ORT's MatMulNBitsQuantizer variants are built from our fp32 export; each size-budgeted variant of
+ours gets the file size of the ORT variant it is compared with (same block size) as its budget,
+so "better at equal or smaller size" is checked in one run. Sizes and fidelity are deterministic; ``--repeats N`` adds latency columns
 (meaningful only on a quiet machine). Writes bench/results/mixed_precision/{results.json,
 results.md}; BENCHMARKS.md quotes results.md.
 """
@@ -35,26 +35,29 @@ from compress.report.builder import cpu_name, environment_info  # noqa: E402
 
 EMBEDDINGS = "re:.*embeddings\\.(word|position|token_type)_embeddings"
 MODELS = {
-    # key: batch sizes, our variants as (label, recipe, overrides, size-budgeted), ORT peers as
+    # key: batch sizes, our variants as (label, recipe, overrides, sized), ORT peers as
     # (bits, block, Gather too, symmetric). Our first variant also provides the fp32 export.
-    # "size-budgeted" variants get passes.0.budget={size_mb: ORT's smallest 4-bit file less our
-    # graph bytes}, so they land at or under ORT's size.
+    # A sized variant names the ORT peer (index into the peers) whose file size is its budget:
+    # passes.0.budget={size_mb: that file less our graph bytes}, so it lands at or under it.
     "minilm": ([1, 8, 32], [
         ("compress INT4 GPTQ b32 sym, all embeddings 4-bit (ours)", "minilm_int4.yaml",
-         ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']"], False),
-        ("compress Greedy MP 2/4/8-bit at ORT's size, sym (ours)", "minilm_mixed.yaml",
+         ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']"], None),
+        ("compress Greedy MP 2/4/8-bit b32 at ORT b32's size, sym (ours)", "minilm_mixed.yaml",
          ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']",
-          "passes.0.calibration_samples=64"], True),
+          "passes.0.calibration_samples=64"], 0),
         ("compress Greedy MP avg 4.5 bits, asym (ours, recipes/minilm_mixed.yaml)",
-         "minilm_mixed.yaml", ["passes.0.calibration_samples=64"], False),
+         "minilm_mixed.yaml", ["passes.0.calibration_samples=64"], None),
+        ("compress Greedy MP 2/4/8-bit b128 at ORT b128's size, sym (ours)", "minilm_mixed.yaml",
+         ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']",
+          "passes.0.calibration_samples=64", "passes.0.block_size=128"], 1),
     ], [(4, 32, True, True), (4, 128, True, True), (4, 32, False, False), (8, 32, False, True)]),
     "digits": ([1, 8, 64], [
         ("compress Greedy MP W4A8 avg 4 bits, sym (ours)", "digits_vit_mixed.yaml",
-         ["passes.0.symmetric=true"], False),
-        ("compress Greedy MP W4A8 at ORT's size, sym (ours)", "digits_vit_mixed.yaml",
-         ["passes.0.symmetric=true"], True),
+         ["passes.0.symmetric=true"], None),
+        ("compress Greedy MP W4A8 at ORT b32's size, sym (ours)", "digits_vit_mixed.yaml",
+         ["passes.0.symmetric=true"], 0),
         ("compress Greedy MP W4A8 avg 4 bits, asym (ours, recipes/digits_vit_mixed.yaml)",
-         "digits_vit_mixed.yaml", [], False),
+         "digits_vit_mixed.yaml", [], None),
     ], [(4, 32, False, True), (4, 32, False, False), (4, 128, False, True)]),
 }
 
@@ -166,17 +169,21 @@ def main() -> None:
                                                       gather=gather, symmetric=sym))
             except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
                 print(f"{key}: ORT quantizer failed: {e}", file=sys.stderr)
-        ort4 = [v for v, (bits, *_rest) in zip(peer_variants, peers, strict=False) if bits == 4]
-        smallest = min(onnx_size_bytes(v.path) for v in ort4)
         # Our graph bytes (nodes, names, shapes) come on top of the pass's tensor-size estimate,
         # and so do each quantized layer's tensor headers (names, dims: ~300 bytes; 3% of the
         # digits ViT's 0.15 MB, nothing on MiniLM).
         n_quantized = sum(1 for row in report0["layers"] if row.get("weight_bits"))
-        budget_mb = (smallest - graph_bytes(path0) - 300 * n_quantized) / 1e6 - 0.001
+        budgets = {}
         for i, (label, recipe, overrides, sized) in enumerate(ours[1:], start=1):
             if i in skip:
                 continue
-            extra = [f"passes.0.budget={{size_mb: {budget_mb:.4f}}}"] if sized else []
+            extra = []
+            if sized is not None:
+                target = onnx_size_bytes(peer_variants[sized].path)
+                budget_mb = (target - graph_bytes(path0) - 300 * n_quantized) / 1e6 - 0.001
+                budgets[label] = {"peer": peer_variants[sized].name,
+                                  "peer_mb": round(target / 1e6, 4), "budget_mb": budget_mb}
+                extra = [f"passes.0.budget={{size_mb: {budget_mb:.4f}}}"]
             out = work / f"ours{i}"
             t = time.perf_counter()
             if args.reuse and (out / "model.onnx").exists():
@@ -197,12 +204,14 @@ def main() -> None:
             if p["type"] == "mixed_precision":
                 notes.append(f"- {label}: {s['bits_histogram']}, avg {s['avg_weight_bits']} "
                              f"bits, estimated {s['estimated_size_mb']} MB")
-        md.append(f"### {key}\n\nORT's smallest 4-bit file: {smallest / 1e6:.3f} MB; size "
-                  f"budget given to our sized variants: {budget_mb:.4f} MB of tensors.\n\n"
+        sized_md = "".join(f"- {k}: budget {b['budget_mb']:.4f} MB of tensors, to land at or "
+                           f"under {b['peer']} ({b['peer_mb']:.3f} MB)\n"
+                           for k, b in budgets.items())
+        md.append(f"### {key}\n\n{sized_md}\n"
                   f"{table(bench) if args.repeats else size_table(bench)}\n\n"
                   + "\n".join(notes) + "\n")
         results["models"][key] = {
-            "size_budget_mb": budget_mb,
+            "size_budgets": budgets,
             "summaries": {k: {kk: vv for kk, vv in r["passes"][0]["summary"].items()
                               if kk != "trajectory"} for k, r in reports.items()},
             **{v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1),

@@ -140,7 +140,9 @@ class ExportSpec(StrictModel):
         False, description="after export, write ONNX Runtime's CPU integer kernels directly: "
         "each Q/DQ MatMul ORT would run as MatMulIntegerToFloat gets its bias folded in, and "
         "each layer's q/k/v projections + fused attention become one QAttention (one int8 GEMM, "
-        "no split). Same arithmetic as ORT's own Q/DQ fusion, fewer passes over the activations; "
+        "no split), and residual adds before a LayerNorm are written as Sum, which keeps ORT's "
+        "slower SkipLayerNormalization kernel out. Same arithmetic as ORT's own Q/DQ fusion, "
+        "fewer passes over the activations; "
         "the file then runs in ONNX Runtime only")
     parity_min_cosine: float = Field(
         0.99, ge=0, le=1, description="ORT vs torch agreement below which export fails")

@@ -43,8 +43,13 @@ class IaRedConfig(PassConfig):
     fine-tuned (the paper does so afterwards). Exported with the keep count computed from the
     data (ReduceMax of the per-image counts, TopK, gather in order): later blocks really run on
     fewer tokens; in a batch, images keeping fewer tokens than the batch maximum carry a few
-    masked ones, so every image gets the output it gets alone. Paper:
-    https://arxiv.org/abs/2106.12620. Needs calibration data when ``steps`` > 0.
+    masked ones, so every image gets the output it gets alone. That batch maximum is close
+    to the full count on large batches, and the masked attention costs extra, so the export can
+    be slower than the original; ``inference: fixed_rate`` keeps instead the same share of
+    tokens in every image (the threshold policy's calibration mean per group, best p first):
+    a batch then runs on exactly that many tokens, without masks. Paper:
+    https://arxiv.org/abs/2106.12620. Needs calibration data when ``steps`` > 0 or with
+    ``fixed_rate``.
 
     Recipe:
         - type: ia_red
@@ -53,6 +58,7 @@ class IaRedConfig(PassConfig):
           steps: 300
           lr: 0.001
           threshold: 0.5
+          inference: fixed_rate
     """
 
     type: Literal["ia_red"] = "ia_red"
@@ -78,6 +84,12 @@ class IaRedConfig(PassConfig):
     max_seconds: float | None = Field(None, gt=0, description="stop training after this long")
     seed: int = Field(0, description=(
         "seed of the interpreters' initialization, the batch order and the keep-mask draws"))
+    inference: Literal["threshold", "fixed_rate"] = Field("threshold", description=(
+        "how the trained interpreters prune at inference: 'threshold' keeps each image's "
+        "tokens with p > threshold (the paper; a batch runs at its largest per-image count, "
+        "the rest masked); 'fixed_rate' keeps in every image the same share of tokens per group "
+        "(the calibration mean of the threshold policy), ranked by p: no mask, and a batch runs "
+        "at exactly that count"))
     plot_images: int = Field(4, ge=0, le=32, description=(
         "calibration images pictured in the report with each group's importance and kept "
         "patches"))
@@ -93,7 +105,8 @@ class IaRedConfig(PassConfig):
 
 
 def _needs_calibration(config: IaRedConfig) -> bool:
-    return config.steps > 0
+    # fixed_rate takes its shares from the threshold policy on the calibration images
+    return config.steps > 0 or config.inference == "fixed_rate"
 
 
 def _device(config: IaRedConfig, ctx: PassContext) -> torch.device:
@@ -243,6 +256,7 @@ def ia_red(model: ModelHandle, config: IaRedConfig, ctx: PassContext) -> None:
     module.eval()
 
     summary.update(method="ia_red", locations=locs, threshold=config.threshold,
+                   inference=config.inference,
                    heads=config.heads, head_dim=config.head_dim,
                    protected_tokens=module.num_prefix_tokens,
                    interpreter_params=sum(p.numel() for p in module.ia_red_agents.parameters()))
@@ -254,16 +268,20 @@ def ia_red(model: ModelHandle, config: IaRedConfig, ctx: PassContext) -> None:
                                "last10": {k: _mean(h, k) for k in ("reward", "kept",
                                                                    "agreement")}}
     model.info["token_reduction"] = {"method": "ia_red", "locations": locs,
-                                     "threshold": config.threshold}
+                                     "threshold": config.threshold,
+                                     "inference": config.inference}
     if x is None:
         return
 
     # Kept tokens, fidelity and a speed estimate on the calibration set (per image, as batch 1).
-    groups = []
-    for i in range(0, len(x), ctx.batch_size):
-        groups.append(kept_patches(module, x[i:i + ctx.batch_size].to(device)))
-    keep = [torch.cat([g[j]["keep"] for g in groups]) for j in range(len(locs))]
+    keep = _calibration_keep(module, x, ctx.batch_size, device, len(locs))
     n = keep[0].shape[1]
+    if config.inference == "fixed_rate":
+        rates = fixed_keep_rates(keep)
+        module._ia_red["keep_rates"] = dict(zip(map(str, locs), rates))
+        model.info["token_reduction"]["keep_rates"] = rates
+        summary["fixed_keep_rates"] = dict(zip([f"block_{v}" for v in locs], rates))
+        keep = _calibration_keep(module, x, ctx.batch_size, device, len(locs))
     pruned = _predict(module, x, ctx.batch_size, device)
     kept_frac = [round(k.float().mean().item(), 4) for k in keep]
     summary["kept_fraction"] = dict(zip([f"block_{v}" for v in locs], kept_frac))
@@ -292,6 +310,25 @@ def ia_red(model: ModelHandle, config: IaRedConfig, ctx: PassContext) -> None:
                              kept_fraction=kept_frac[j])
     if config.plot_images:
         _kept_plot(model, ctx, x[:config.plot_images].to(device), locs)
+
+
+def _calibration_keep(module, x: torch.Tensor, batch: int, device: torch.device,
+                      groups: int) -> list[torch.Tensor]:
+    """Per group, [images, patches] bool: which original patches are still kept after it."""
+    parts = [kept_patches(module, x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
+    return [torch.cat([part[j]["keep"] for part in parts]) for j in range(groups)]
+
+
+def fixed_keep_rates(keep: list[torch.Tensor]) -> list[float]:
+    """Share of the tokens entering each group that the group keeps, over all images (the
+    threshold policy's average), for ``inference: fixed_rate``; at least one token."""
+    n = keep[0].shape[1]
+    rates, before = [], float(keep[0].shape[0] * n)
+    for k in keep:
+        after = float(k.sum())
+        rates.append(round(max(after / before, 1.0 / n), 4))
+        before = max(after, 1.0)
+    return rates
 
 
 def _kept_plot(model: ModelHandle, ctx: PassContext, x: torch.Tensor, locs: list[int]) -> None:

@@ -179,6 +179,17 @@ def _layer_size(m: nn.Module, cfg: tuple | None, block: int, symmetric: bool = F
     return n * c / 8 + blocks * (4 + zero)
 
 
+def _searched_widths(m: nn.Module, widths: list[int]) -> list[int]:
+    """Weight widths the search may give ``m``. An embedding is stored by GatherBlockQuantized,
+    which holds 4- or 8-bit codes only: a 2-bit table would take 8-bit storage and lose
+    accuracy for nothing (it looks cheap only to the nominal average), so embeddings are
+    searched over 4 and 8 (8 alone when neither is listed). ``overrides`` can still pin any
+    width."""
+    if not isinstance(m, nn.Embedding):
+        return widths
+    return [w for w in widths if w in (4, 8)] or [8]
+
+
 def _pin_for(name: str, module: nn.Module, overrides: dict) -> tuple[bool, object]:
     for pattern, pin in overrides.items():
         if _matches(pattern, name, module):
@@ -292,7 +303,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
     choices: list[LayerChoice] = []
     for n, m in search.items():
         acts = [None] if isinstance(m, nn.Embedding) else a_list
-        cfgs = [(w, a) for w in config.weight_bits for a in acts]
+        cfgs = [(w, a) for w in _searched_widths(m, config.weight_bits) for a in acts]
         cfgs.sort(key=lambda c: (-c[0], -(c[1] or 32)))
         params = m.weight.numel()
         elements = ranges[n].elements if n in ranges else 0
@@ -312,7 +323,9 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
             a_fixed[0] += ranges[n].elements * a
             a_fixed[1] += ranges[n].elements
         fixed_bytes += _layer_size(m, (w, a), config.block_size, config.symmetric)
-    total_param_bytes = sum(p.numel() * 4.0 for p in _float_params(module, layers))
+    # Buffers are exported too (BERT's position_ids and token_type_ids: 8 kB of int64).
+    total_param_bytes = sum(p.numel() * 4.0 for p in _float_params(module, layers)) + sum(
+        b.numel() * b.element_size() for b in module.buffers())
     fixed_bytes += total_param_bytes + sum(4.0 * m.weight.numel() for m in floats.values())
     b = config.budget
     _check_feasible(config, choices, pinned, ranges, w_fixed, a_fixed, fixed_bytes, prefix)

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..tokens.interpret import PerBlockAgent, attention_mask, gather_kept, keep_decisions
+from ..tokens.interpret import (
+    PerBlockAgent,
+    attention_mask,
+    gather_kept,
+    keep_decisions,
+    keep_prefix,
+)
+from ..tokens.prune import keep_count, topk_keep
 from .mixin import mix_into
 from .vit_tokens import TokenWeightedPool
 
@@ -52,13 +59,23 @@ class InterpretedViT(TokenWeightedPool):
         for i, blk in enumerate(self.blocks):
             if str(i) in self.ia_red_agents:
                 p = self.ia_red_agents[str(i)](x, u, protected)
-                u_new = keep_decisions(p, u, protected, info["threshold"], info["sample"])
+                alive = u
+                rate = None if info["sample"] else info.get("keep_rates", {}).get(str(i))
+                if rate is None:
+                    u_new = keep_decisions(p, u, protected, info["threshold"], info["sample"])
+                    x_new, u, idx = gather_kept(x, u_new, p, protected)
+                else:
+                    # Fixed share per group: every image keeps its k best tokens, no mask.
+                    k = keep_count(x.shape[1] - protected, rate)
+                    x_new, _, idx = topk_keep(x, p[:, protected:], k, protected, fuse=False)
+                    u_new = keep_prefix(torch.zeros_like(p).scatter(
+                        1, idx + protected, torch.ones_like(idx, dtype=p.dtype)), protected)
                 if record is not None:
-                    record.append({"block": i, "p": p, "u": u_new, "alive": u, "pos": pos})
-                x, u, idx = gather_kept(x, u_new, p, protected)
+                    record.append({"block": i, "p": p, "u": u_new, "alive": alive, "pos": pos})
+                x = x_new
                 if pos is not None:
                     pos = pos.gather(1, idx)
-                mask = attention_mask(u, x.dtype)
+                mask = None if u is None else attention_mask(u, x.dtype)
             x = blk(x, attn_mask=mask)
         if self.global_pool == "avg":
             # average over the kept tokens only (carried dropped ones have u = 0); token

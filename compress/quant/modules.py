@@ -306,9 +306,12 @@ class ChannelAffine(nn.Module):
         super().__init__()
         self.register_buffer("shift", shift.detach().float().clone())
         self.register_buffer("inv_scale", inv_scale.detach().float().clone())
+        # Plain SmoothQuant (shift: false) has no shift: skip the Sub, a pass over the
+        # activations in the exported graph.
+        self.shifted = bool(self.shift.any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.shift) * self.inv_scale
+        return ((x - self.shift) if self.shifted else x) * self.inv_scale
 
 
 def apply_input_transform(module: nn.Module, args: tuple) -> tuple:

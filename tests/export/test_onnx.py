@@ -43,6 +43,9 @@ def test_slim_export_keeps_outputs_bit_identical_and_is_smaller(tmp_path):
     constants = {t.name for t in proto.graph.initializer}
     assert not any(n.metadata_props for n in proto.graph.node)
     assert not any(v.metadata_props or v.name in constants for v in proto.graph.value_info)
+    assert any(p.key.startswith("pkg.torch.export.")
+               for p in onnx.load(str(full)).graph.metadata_props)
+    assert not any(p.key.startswith("pkg.torch.export.") for p in proto.graph.metadata_props)
     # The symmetric layer's zero points equal MatMulNBits' default: dropped; the others kept.
     has_zp = sorted(len(n.input) > 3 and bool(n.input[3]) for n in proto.graph.node
                     if n.op_type == "MatMulNBits")
@@ -81,3 +84,47 @@ def test_slim_export_of_a_text_model_runs_bit_identical(tmp_path, tiny_bert_dir)
     mask[1, 8:] = 0
     feed = {a.get_inputs()[0].name: ids, a.get_inputs()[1].name: mask}
     assert np.array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+
+
+def test_default_zero_points_with_a_padded_last_byte_are_dropped():
+    # K = 96 at block 32: three 4-bit zero points per column take two bytes, the last nibble is
+    # padding (0). Symmetric codes (8) in every real block: dropped, ORT output unchanged.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from compress.export.onnx import drop_default_zero_points
+
+    n, k, block = 5, 96, 32
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(n, k // block, block // 2), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=n * (k // block)).astype(np.float32)
+
+    def model(zp):
+        inits = [helper.make_tensor("w", TensorProto.UINT8, codes.shape, codes.tobytes(), raw=True),
+                 helper.make_tensor("s", TensorProto.FLOAT, scales.shape, scales)]
+        inputs = ["x", "w", "s"]
+        if zp is not None:
+            inits.append(helper.make_tensor("zp", TensorProto.UINT8, zp.shape, zp.tobytes(),
+                                            raw=True))
+            inputs.append("zp")
+        node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n,
+                                bits=4, block_size=block)
+        g = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+                              inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+    sym = np.tile(np.array([0x88, 0x08], np.uint8), n)            # 8, 8, 8 + padding 0
+    asym = sym.copy()
+    asym[2] = 0x87                                                # one real block is not 8
+    x = {"x": rng.standard_normal((2, k)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(),  # noqa: E731
+                                         providers=["CPUExecutionProvider"]).run(None, x)[0]
+    m = model(sym)
+    ref = run(m)
+    assert drop_default_zero_points(m) == 1 and len(m.graph.initializer) == 2
+    np.testing.assert_array_equal(run(m), ref)
+    np.testing.assert_array_equal(run(model(None)), ref)
+    assert drop_default_zero_points(model(asym)) == 0

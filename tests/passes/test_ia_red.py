@@ -137,3 +137,53 @@ def test_bad_config_names_the_field(tmp_path):
                        module=torch.nn.Linear(2, 2))
     with pytest.raises(UnsupportedModelError, match="text_token_prune"):
         ia_red(text, IaRedConfig(steps=0), ctx)
+
+
+def test_fixed_keep_rates_are_the_threshold_policys_shares():
+    from compress.passes.ia_red import fixed_keep_rates
+
+    # 2 images x 10 patches: group 1 keeps 8 and 6 (70%), group 2 keeps 4 and 3 of those 14
+    k1 = torch.zeros(2, 10, dtype=torch.bool)
+    k1[0, :8], k1[1, :6] = True, True
+    k2 = torch.zeros(2, 10, dtype=torch.bool)
+    k2[0, :4], k2[1, :3] = True, True
+    assert fixed_keep_rates([k1, k2]) == [0.7, 0.5]
+    assert fixed_keep_rates([torch.zeros(2, 10, dtype=torch.bool)]) == [0.1]  # >= 1 token
+
+
+@pytest.mark.slow
+def test_fixed_rate_prunes_every_image_alike_and_exports(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from compress.export.onnx import export_onnx
+
+    h, ctx = _handle(), _ctx(tmp_path)
+    ia_red(h, IaRedConfig(steps=0, locations=[0, 2, 4], inference="fixed_rate",
+                          plot_images=0), ctx)
+    s = ctx.report.summary
+    assert s["inference"] == "fixed_rate"
+    m = h.module
+    # untrained interpreters keep everything under the threshold policy: make them drop
+    _dropping_agents(m)
+    rates = [0.75, 0.5, 0.5]
+    m._ia_red["keep_rates"] = dict(zip(("0", "2", "4"), rates))
+    x = torch.randn(5, 3, 32, 32)
+    rec = kept_patches(m, x)
+    counts = [r["keep"].sum(1) for r in rec]
+    assert [c.tolist() for c in counts] == [[12] * 5, [6] * 5, [3] * 5]   # 16 -> 12 -> 6 -> 3
+    for a, b in zip(rec, rec[1:]):
+        assert not (b["keep"] & ~a["keep"]).any()
+    # the best-scored patches are the ones kept
+    p0, k0 = rec[0]["p"], rec[0]["keep"]
+    assert (p0[k0].reshape(5, -1).min(1).values >= p0[~k0].reshape(5, -1).max(1).values).all()
+    path = export_onnx(h, tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "TopK" in ops and "ReduceMax" not in ops            # k from the shape, no mask
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (1, 3, 8):
+        xb = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            ref = m(xb).numpy()
+        np.testing.assert_allclose(sess.run(None, {"pixel_values": xb.numpy()})[0], ref,
+                                   atol=1e-4, rtol=1e-4)

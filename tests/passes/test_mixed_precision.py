@@ -144,3 +144,17 @@ def test_size_budget_is_met_by_the_exported_file(tmp_path, tiny_vit_files):
     fc2 = [row for row in r["layers"] if row["name"].endswith("mlp.fc2")]
     assert fc2 and s["opt_m_layers"] == len(fc2)
     assert all(p["cosine"] > 0.99 for p in r["export"]["parity"])
+
+
+def test_embeddings_are_searched_only_at_widths_their_operator_stores():
+    # GatherBlockQuantized holds 4- or 8-bit codes: a 2-bit table would be stored as 8-bit
+    from torch import nn
+
+    from compress.passes.mixed_precision import _layer_size, _searched_widths
+
+    emb, lin = nn.Embedding(1000, 64), nn.Linear(64, 64)
+    assert _searched_widths(emb, [2, 3, 4, 8]) == [4, 8]
+    assert _searched_widths(emb, [2, 3]) == [8]
+    assert _searched_widths(lin, [2, 3, 4, 8]) == [2, 3, 4, 8]
+    assert _layer_size(emb, (2, None), 32) == _layer_size(emb, (8, None), 32)
+    assert _layer_size(emb, (4, None), 32) < _layer_size(emb, (8, None), 32) / 1.8

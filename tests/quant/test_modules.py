@@ -170,3 +170,19 @@ def test_two_region_search_without_right_operand_raises():
     q(torch.rand(4, 8))
     with pytest.raises(RuntimeError, match="right operand"):
         q.search()
+
+
+def test_channel_affine_without_shift_exports_no_sub(tmp_path):
+    import onnx
+
+    from compress.quant.modules import ChannelAffine
+
+    x = torch.randn(2, 5, 8)
+    s = torch.rand(8) + 0.5
+    for shift, subs in ((torch.zeros(8), 0), (torch.randn(8), 1)):
+        m = ChannelAffine(shift, 1 / s)
+        torch.testing.assert_close(m(x), (x - shift) / s)
+        path = tmp_path / f"a{subs}.onnx"
+        torch.onnx.export(m, (x,), str(path), dynamo=False)
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("Sub") == subs and ops.count("Mul") == 1
