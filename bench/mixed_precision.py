@@ -4,8 +4,8 @@
 Usage: .venv/bin/python bench/mixed_precision.py [--models minilm,digits] [--skip 2] [--reuse]
 ORT's MatMulNBitsQuantizer variants are built from our fp32 export; each size-budgeted variant of
 ours gets the file size of the ORT variant it is compared with (same block size) as its budget,
-so "better at equal or smaller size" is checked in one run. Sizes and fidelity are deterministic; ``--repeats N`` adds latency columns
-(meaningful only on a quiet machine). Writes bench/results/mixed_precision/{results.json,
+so "better at equal or smaller size" is checked in one run. Sizes and fidelity are
+deterministic; ``--repeats N`` adds latency columns (meaningful only on a quiet machine). Writes bench/results/mixed_precision/{results.json,
 results.md}; BENCHMARKS.md quotes results.md.
 """
 
@@ -37,8 +37,9 @@ EMBEDDINGS = "re:.*embeddings\\.(word|position|token_type)_embeddings"
 MODELS = {
     # key: batch sizes, our variants as (label, recipe, overrides, sized), ORT peers as
     # (bits, block, Gather too, symmetric). Our first variant also provides the fp32 export.
+    # "recipe+sqb": the bundled recipe with SQ-b put first (its mixed pass is then passes.1).
     # A sized variant names the ORT peer (index into the peers) whose file size is its budget:
-    # passes.0.budget={size_mb: that file less our graph bytes}, so it lands at or under it.
+    # passes.N.budget={size_mb: that file less our graph bytes}, so it lands at or under it.
     "minilm": ([1, 8, 32], [
         ("compress INT4 GPTQ b32 sym, all embeddings 4-bit (ours)", "minilm_int4.yaml",
          ["passes.0.symmetric=true", f"passes.0.targets=[Linear, '{EMBEDDINGS}']"], None),
@@ -54,12 +55,31 @@ MODELS = {
     "digits": ([1, 8, 64], [
         ("compress Greedy MP W4A8 avg 4 bits, sym (ours)", "digits_vit_mixed.yaml",
          ["passes.0.symmetric=true"], None),
-        ("compress Greedy MP W4A8 at ORT b32's size, sym (ours)", "digits_vit_mixed.yaml",
-         ["passes.0.symmetric=true"], 0),
+        ("compress SQ-b + Greedy MP W4A8 at ORT b32's size, sym (ours)",
+         "digits_vit_mixed.yaml+sqb", ["passes.1.symmetric=true"], 0),
         ("compress Greedy MP W4A8 avg 4 bits, asym (ours, recipes/digits_vit_mixed.yaml)",
          "digits_vit_mixed.yaml", [], None),
     ], [(4, 32, False, True), (4, 32, False, False), (4, 128, False, True)]),
 }
+
+
+SQB = {"type": "smooth_quant", "alpha": "search", "shift": True}
+
+
+def recipe_file(name: str, work: Path) -> tuple[Path, int]:
+    """A bundled recipe, or with ``+sqb`` the same recipe with SQ-b (``smooth_quant``) put
+    before its passes (written under ``work``); returns it and its mixed_precision pass index."""
+    import yaml
+
+    base, _, extra = name.partition("+")
+    if not extra:
+        return RECIPES / base, 0
+    recipe = yaml.safe_load((RECIPES / base).read_text())
+    recipe["passes"] = [SQB, *recipe["passes"]]
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{Path(base).stem}_{extra}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path, 1
 
 
 def graph_bytes(path: Path) -> int:
@@ -177,21 +197,21 @@ def main() -> None:
         for i, (label, recipe, overrides, sized) in enumerate(ours[1:], start=1):
             if i in skip:
                 continue
+            path_i, mp_index = recipe_file(recipe, work)
             extra = []
             if sized is not None:
                 target = onnx_size_bytes(peer_variants[sized].path)
                 budget_mb = (target - graph_bytes(path0) - 300 * n_quantized) / 1e6 - 0.001
                 budgets[label] = {"peer": peer_variants[sized].name,
                                   "peer_mb": round(target / 1e6, 4), "budget_mb": budget_mb}
-                extra = [f"passes.0.budget={{size_mb: {budget_mb:.4f}}}"]
+                extra = [f"passes.{mp_index}.budget={{size_mb: {budget_mb:.4f}}}"]
             out = work / f"ours{i}"
             t = time.perf_counter()
             if args.reuse and (out / "model.onnx").exists():
                 path = out / "model.onnx"
                 reports[label] = json.loads((out / "report.json").read_text())
             else:
-                path, reports[label], _ = run_recipe(RECIPES / recipe, out,
-                                                     [*overrides, *extra])
+                path, reports[label], _ = run_recipe(path_i, out, [*overrides, *extra])
             ours_built.append(Variant(label, path, build_seconds=time.perf_counter() - t))
         bench.variants = [Variant("fp32", bench.fp32), *ours_built, *peer_variants]
         evaluate_variants(bench)
@@ -199,7 +219,7 @@ def main() -> None:
             time_variants(bench, args.repeats)
         notes = []
         for label, r in reports.items():
-            p = r["passes"][0]
+            p = r["passes"][-1]
             s = p["summary"]
             if p["type"] == "mixed_precision":
                 notes.append(f"- {label}: {s['bits_histogram']}, avg {s['avg_weight_bits']} "
@@ -212,7 +232,7 @@ def main() -> None:
                   + "\n".join(notes) + "\n")
         results["models"][key] = {
             "size_budgets": budgets,
-            "summaries": {k: {kk: vv for kk, vv in r["passes"][0]["summary"].items()
+            "summaries": {k: {kk: vv for kk, vv in r["passes"][-1]["summary"].items()
                               if kk != "trajectory"} for k, r in reports.items()},
             **{v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1),
                         "mb": onnx_size_bytes(v.path) / 1e6, **v.metrics}
