@@ -68,8 +68,9 @@ class InterpretedViT(TokenWeightedPool):
                     # Fixed share per group: every image keeps its k best tokens, no mask.
                     k = keep_count(x.shape[1] - protected, rate)
                     x_new, _, idx = topk_keep(x, p[:, protected:], k, protected, fuse=False)
-                    u_new = keep_prefix(torch.zeros_like(p).scatter(
-                        1, idx + protected, torch.ones_like(idx, dtype=p.dtype)), protected)
+                    if record is not None:   # the keep mask, for the pictures only
+                        u_new = keep_prefix(torch.zeros_like(p).scatter(
+                            1, idx + protected, torch.ones_like(idx, dtype=p.dtype)), protected)
                 if record is not None:
                     record.append({"block": i, "p": p, "u": u_new, "alive": alive, "pos": pos})
                 x = x_new
