@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
+from bench.common import SQB  # noqa: E402
 from compress import compress  # noqa: E402
 from compress.export.onnx import onnx_size_bytes  # noqa: E402
 from compress.recipe import parse_recipe, set_dotted  # noqa: E402
@@ -31,7 +32,6 @@ from compress.recipe import parse_recipe, set_dotted  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"digits": ROOT / "recipes" / "digits_vit_mixed.yaml",
            "minilm": ROOT / "recipes" / "minilm_mixed.yaml"}
-SQB = {"type": "smooth_quant", "alpha": "search", "shift": True}
 SCALE_SEARCH = {"mse_grid": 20}          # per-block range shrink searched by weight MSE
 
 

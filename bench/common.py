@@ -24,6 +24,8 @@ from compress.models import ModelHandle
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
+# MPTQ-ViT's SQ-b as the mixed-precision benchmarks put it before the mixed pass.
+SQB = {"type": "smooth_quant", "alpha": "search", "shift": True}
 
 
 @dataclass

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     RECIPES,
+    SQB,
     Variant,
     evaluate_variants,
     load_bench,
@@ -61,9 +62,6 @@ MODELS = {
          "digits_vit_mixed.yaml", [], None),
     ], [(4, 32, False, True), (4, 32, False, False), (4, 128, False, True)]),
 }
-
-
-SQB = {"type": "smooth_quant", "alpha": "search", "shift": True}
 
 
 def recipe_file(name: str, work: Path) -> tuple[Path, int]:

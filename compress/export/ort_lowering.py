@@ -294,9 +294,9 @@ def residual_adds_as_sum(model: onnx.ModelProto) -> int:
     return count
 
 
-def ort_fused_matmuls(model: onnx.ModelProto) -> set[str]:
-    """Output names of the MatMuls ONNX Runtime itself turns into integer kernels when it loads
-    ``model`` (its Q/DQ fusion skips, for instance, 2-D MatMuls it folds into a float Gemm)."""
+def ort_optimized_graph(model: onnx.ModelProto) -> onnx.GraphProto:
+    """The graph ONNX Runtime runs for ``model`` on the CPU after its own fusions (extended
+    level: Q/DQ, attention and LayerNorm fusions; no layout changes)."""
     import tempfile
 
     import onnxruntime as ort
@@ -307,8 +307,13 @@ def ort_fused_matmuls(model: onnx.ModelProto) -> set[str]:
         so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         so.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        opt = onnx.load(so.optimized_model_filepath, load_external_data=False)
-    return {n.output[0] for n in opt.graph.node
+        return onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+
+
+def ort_fused_matmuls(model: onnx.ModelProto) -> set[str]:
+    """Output names of the MatMuls ONNX Runtime itself turns into integer kernels when it loads
+    ``model`` (its Q/DQ fusion skips, for instance, 2-D MatMuls it folds into a float Gemm)."""
+    return {n.output[0] for n in ort_optimized_graph(model).node
             if n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")}
 
 

@@ -129,7 +129,8 @@ def test_bad_config_names_the_field(tmp_path):
     files = {"weights": "w", "calib": "c", "eval": "e"}
     for bad, field in ([{"heads": 0}, "heads"], [{"threshold": 1.5}, "threshold"],
                        [{"locations": [1, 1]}, "locations"], [{"samples": 0}, "samples"],
-                       [{"keep_rate": 0.5}, "keep_rate"]):
+                       [{"keep_rate": 0.5}, "keep_rate"],
+                       [{"inference": "topk"}, "passes.0.inference"]):
         with pytest.raises(RecipeError) as e:
             parse_recipe(tiny_vit_recipe(files, passes=[{"type": "ia_red", **bad}]))
         assert field in str(e.value)
