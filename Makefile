@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-stop test test-fast test-services bench lock clean
+.PHONY: setup demo demo-stop lint test test-fast test-services bench zoo lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,17 @@ test-services:
 	@if command -v pg_ctlcluster >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1; then \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; fi
 
-test: setup test-services
+# The model zoo (random weights, built offline into out/zoo) x every pass family beside ORT's
+# quantizers, one process per member; ZOO_ARGS e.g. "--models resnet18,swin_tiny --quick".
+zoo: setup
+	$(BIN)/python scripts/build_zoo.py
+	$(BIN)/python bench/zoo.py $(ZOO_ARGS)
+
+# ruff with the settings in pyproject.toml; `make test` fails on any finding.
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup test-services lint
 	$(BIN)/python -m pytest -q -n 2
 
 test-fast: setup test-services

@@ -61,7 +61,8 @@ def run_variant(model: str, name: str, args, out: Path) -> dict:
            "onnx_bytes": r["size"]["compressed_bytes"], "fp32_bytes": r["size"]["original_bytes"],
            "packed_bytes": s.get("packed_weights", {}).get("file_bytes"),
            "bits_per_weight": s["bits_per_weight"], "binary_ops": s["binary_ops"],
-           "latency": r["latency"], "parity": r["export"]["parity"], "history": d and [d.get("first"), d.get("last")]}
+           "latency": r["latency"], "parity": r["export"]["parity"],
+           "history": d and [d.get("first"), d.get("last")]}
     return row
 
 

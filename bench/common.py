@@ -171,7 +171,8 @@ def table(bench: Bench) -> str:
     for v in bench.variants:
         m = v.metrics
         size = onnx_size_bytes(v.path)
-        lat = "|".join(f"{m['latency_ms'][str(b)]:.2f} ({fp32.metrics['latency_ms'][str(b)] / m['latency_ms'][str(b)]:.2f})"
+        lat = "|".join(f"{m['latency_ms'][str(b)]:.2f} "
+                       f"({fp32.metrics['latency_ms'][str(b)] / m['latency_ms'][str(b)]:.2f})"
                        for b in bs)
         if task == "image-classification":
             top1 = f"{m['top1'] * 100:.2f}" if "top1" in m else "-"

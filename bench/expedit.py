@@ -33,17 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # model key: (recipe, batch sizes timed, settings; the first is the recipe's own)
 MODELS = {
     "digits": ("digits_vit_expedit.yaml", [8, 64], [
-        dict(location=0, clusters=(4, 4)),
-        dict(location=1, clusters=(4, 4)),
-        dict(location=1, clusters=(6, 6)),
-        dict(location=2, clusters=(4, 4)),
-        dict(location=1, clusters=(3, 3)),
-        dict(location=1, clusters=(4, 4), tau=0.01),
+        {"location": 0, "clusters": (4, 4)},
+        {"location": 1, "clusters": (4, 4)},
+        {"location": 1, "clusters": (6, 6)},
+        {"location": 2, "clusters": (4, 4)},
+        {"location": 1, "clusters": (3, 3)},
+        {"location": 1, "clusters": (4, 4), "tau": 0.01},
     ]),
     "deit": ("deit_small_expedit.yaml", [1, 8], [
-        dict(location=4, clusters=(8, 8)),
-        dict(location=6, clusters=(10, 10)),
-        dict(location=5, clusters=(9, 9)),
+        {"location": 4, "clusters": (8, 8)},
+        {"location": 6, "clusters": (10, 10)},
+        {"location": 5, "clusters": (9, 9)},
     ]),
 }
 

@@ -5,8 +5,9 @@ Usage: .venv/bin/python bench/mixed_precision.py [--models minilm,digits] [--ski
 ORT's MatMulNBitsQuantizer variants are built from our fp32 export; each size-budgeted variant of
 ours gets the file size of the ORT variant it is compared with (same block size) as its budget,
 so "better at equal or smaller size" is checked in one run. Sizes and fidelity are
-deterministic; ``--repeats N`` adds latency columns (meaningful only on a quiet machine). Writes bench/results/mixed_precision/{results.json,
-results.md}; BENCHMARKS.md quotes results.md.
+deterministic; ``--repeats N`` adds latency columns (meaningful only on a quiet machine).
+Writes bench/results/mixed_precision/{results.json, results.md}; BENCHMARKS.md quotes
+results.md.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from bench.common import (  # noqa: E402
     Variant,
     evaluate_variants,
     load_bench,
-    run_recipe,
     onnx_size_bytes,
+    run_recipe,
     save,
     table,
     time_variants,

@@ -126,7 +126,8 @@ def main() -> None:
         time_variants(bench, args.repeats, threads=args.threads)
         os.sched_setaffinity(0, all_cores)
         md.append(f"### {key}\n\n{table(bench)}\n")
-        results["models"][key] = {v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1),
+        results["models"][key] = {v.name: {"path": str(v.path),
+                                           "build_s": round(v.build_seconds, 1),
                                            **v.metrics} for v in bench.variants}
         print(md[-1], flush=True)
         print(f"({key}: evaluated and timed in {time.time() - t:.0f} s)", file=sys.stderr)

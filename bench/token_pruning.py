@@ -68,7 +68,8 @@ def main() -> None:
         evaluate_variants(bench)
         time_variants(bench, args.repeats)
         md.append(f"### {key}\n\n{table(bench)}\n")
-        results["models"][key] = {v.name: {"path": str(v.path), "build_s": round(v.build_seconds, 1),
+        results["models"][key] = {v.name: {"path": str(v.path),
+                                           "build_s": round(v.build_seconds, 1),
                                            "pass_summary": summaries.get(v.name), **v.metrics}
                                   for v in bench.variants}
         print(md[-1], flush=True)

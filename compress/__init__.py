@@ -2,7 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import CompressResult, compress  # noqa: E402
 from .errors import (  # noqa: E402
     CompressError,
     DataError,
@@ -14,7 +13,22 @@ from .errors import (  # noqa: E402
     RecipeError,
     UnsupportedModelError,
 )
-from .recipe import Recipe, load_recipe, parse_recipe, recipe_from_yaml  # noqa: E402
+
+# compress() and the recipe classes import torch and every pass; loaded on first use so that
+# `compress --help` and the service client start without them.
+_LAZY = {"CompressResult": "api", "compress": "api", "Recipe": "recipe",
+         "load_recipe": "recipe", "parse_recipe": "recipe", "recipe_from_yaml": "recipe"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
 
 __all__ = [
     "CompressError", "CompressResult", "DataError", "ExportError", "InputError",

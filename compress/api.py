@@ -8,7 +8,6 @@ against torch, evaluate both ONNX models, time them, gate, write report.json and
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -16,11 +15,12 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from . import __version__
 from .context import PassContext, PassReport
@@ -32,19 +32,22 @@ from .errors import (
     DataError,
     ExportError,
     ModelLoadError,
+    NonFiniteError,
     PassError,
 )
-from .evaluate.gate import describe_failure, gate_checks
-from .evaluate.metrics import output_agreement, task_metrics
+from .evaluate.gate import describe_failure, gate_checks, performance_checks
+from .evaluate.metrics import output_agreement, parity_problem, task_metrics
 from .export.onnx import export_onnx, onnx_files, onnx_size_bytes, op_histogram, slim_onnx
-from .export.ort_lowering import lower_file
 from .export.ort import default_threads, make_session, measure_latencies, predict_onnx
+from .export.ort_lowering import lower_file
 from .models import ModelHandle, load_model
 from .paths import resolve_path
-from .recipe import Recipe, load_recipe, recipe_base_dir, recipe_to_yaml
+from .quant.graph import apply_pending as apply_graph_quantization
+from .recipe import Recipe, load_recipe, recipe_base_dir
 from .registry import get_pass
-from .report import REPORT_SCHEMA_VERSION, environment_info, write_html
+from .report import REPORT_SCHEMA_VERSION, environment_info, strict_json, write_html
 from .report.plots import latency_plot, layer_plot
+from .report.verdict import verdict
 from .specs import CalibrationSpec, EvaluationSpec
 
 log = logging.getLogger("compress")
@@ -76,7 +79,7 @@ class CompressResult:
                 "exit_code": self.exit_code, "out_dir": str(self.out_dir),
                 "model": str(self.model_path), "report": str(self.report_path),
                 "report_html": str(self.html_path), "metrics": r["metrics"], "size": r["size"],
-                "latency": r["latency"], "gate": r["gate"]}
+                "latency": r["latency"], "gate": r["gate"], "verdict": r.get("verdict")}
 
 
 class _Progress:
@@ -123,6 +126,30 @@ def predict_torch(handle: ModelHandle, dataset: Dataset, batch_size: int,
     return np.concatenate(outs, 0)
 
 
+def check_outputs_finite(out: np.ndarray, what: str) -> None:
+    """NaN/Inf outputs of the original model on finite inputs: its weights are bad input."""
+    finite = np.isfinite(out).reshape(len(out), -1).all(1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise NonFiniteError(
+            f"the original model's outputs on {what} hold NaN or Inf for {len(bad)} of "
+            f"{len(out)} samples (first: sample {int(bad[0])}), although the inputs are finite; "
+            "its weights overflow or are damaged. Check the checkpoint (and model.kwargs)")
+
+
+def _shown(override: str | None, recipe_value: str | None) -> str | None:
+    """A file as reports and messages show it: the recipe's value as written, or only the name
+    of a file given on the command line (or uploaded: the service passes uploads that way)."""
+    return Path(override).name if override else recipe_value
+
+
+def _given_model_path(recipe: Recipe, override: str | None) -> str | None:
+    """The model path as the user wrote it (never the resolved server path)."""
+    if override:
+        return str(override)
+    return recipe.model.weights if recipe.model.source == "timm" else recipe.model.path
+
+
 def _resolve_model_path(recipe: Recipe, override: str | None, base: Path | None) -> Path | None:
     if override:
         return Path(override).expanduser().resolve()
@@ -137,6 +164,26 @@ def _resolve_data(spec, override: str | None, base: Path | None) -> Path | None:
     if spec is not None and spec.path:
         return resolve_path(spec.path, base)
     return None
+
+
+PARAMS_COUNTED = ("parameters of the original model before compression (torch parameters; "
+                  "buffers not counted)",
+                  "parameters of the original model before compression (elements of its "
+                  "floating-point ONNX initializers)")
+
+
+def _original_param_count(handle: ModelHandle) -> int | None:
+    if handle.module is not None:
+        return handle.param_count() or None
+    if handle.onnx_path is None:
+        return None
+    import onnx
+
+    model = onnx.load(str(handle.onnx_path), load_external_data=False)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.DOUBLE}
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+               if t.data_type in floats) or None
 
 
 class Pipeline:
@@ -169,10 +216,17 @@ class Pipeline:
         path = _resolve_model_path(self.recipe, self.overrides["model"], self.base)
         if path is not None and not path.exists():
             field_name = "weights" if self.recipe.model.source == "timm" else "path"
-            raise ModelLoadError(f"model.{field_name} {str(path)!r} does not exist (set it in the "
-                                 "recipe or pass --model)")
+            given = _given_model_path(self.recipe, self.overrides["model"])
+            expected = ("a .safetensors or .pt weights file" if field_name == "weights" else
+                        "a Hugging Face model folder" if self.recipe.model.source == "hf" else
+                        "an .onnx file")
+            raise ModelLoadError(f"model.{field_name} {given!r} does not exist; expected "
+                                 f"{expected} (set it in the recipe or pass --model)")
         self.model_path = path
         self.handle = load_model(self.recipe.model, path)
+        # Counted now, before any pass: quantized layers keep their weights as buffers, so a
+        # count after the passes would change with the recipe (205,258 vs 25,034).
+        self.original_params = _original_param_count(self.handle)
         if self.handle.module is not None:
             self.handle.to(self.device)
 
@@ -185,12 +239,19 @@ class Pipeline:
         self.calib: Dataset | None = None
         if calib_spec is not None:
             if calib_path is None:
-                raise DataError("calibration.path is not set; give it in the recipe or pass --calib")
+                raise DataError("calibration.path is not set; give it in the recipe or pass "
+                                "--calib")
+            self._check_exists(calib_path, self.overrides["calib"] or calib_spec.path,
+                               "calibration", "--calib")
             self.calib = load_dataset(calib_spec, calib_path, self.handle, "calibration")
+            self.calib.source = _shown(self.overrides["calib"], calib_spec.path)
         eval_spec: EvaluationSpec = r.evaluation
         eval_path = _resolve_data(eval_spec, self.overrides["eval"], self.base)
         if eval_path is not None:
+            self._check_exists(eval_path, self.overrides["eval"] or eval_spec.path,
+                               "evaluation", "--eval")
             self.eval = load_dataset(eval_spec, eval_path, self.handle, "evaluation")
+            self.eval.source = _shown(self.overrides["eval"], eval_spec.path)
         elif self.calib is not None:
             self.eval = self.calib
             self.warnings.append("no evaluation data (evaluation.path or --eval): metrics are "
@@ -199,12 +260,26 @@ class Pipeline:
             raise DataError("no evaluation data: set evaluation.path (or calibration.path) in the "
                             "recipe, or pass --eval")
 
+    @staticmethod
+    def _check_exists(path: Path, given: str | None, role: str, option: str) -> None:
+        if not path.exists():
+            raise DataError(f"{role}.path {given or path.name!r} does not exist; expected an "
+                            f"image folder, .npz, .npy, .txt or .jsonl file (set it in the "
+                            f"recipe or pass {option})")
+
     def baseline(self) -> None:
         bs = self.recipe.evaluation.batch_size
         if self.handle.module is not None:
             self.reference = predict_torch(self.handle, self.eval, bs, self.device)
         else:
             self.reference = predict_onnx(make_session(self.handle.onnx_path), self.eval, bs)
+        check_outputs_finite(self.reference, f"evaluation data {self.eval.source!r}")
+        if self.calib is not None and self.calib is not self.eval and \
+                self.handle.module is not None:
+            # Passes calibrate on these; one batch shows weights that blow up on this data.
+            first = predict_torch(self.handle, self.calib.take(min(len(self.calib), bs)), bs,
+                                  self.device)
+            check_outputs_finite(first, f"calibration data {self.calib.source!r}")
 
     def export_original(self) -> None:
         ex = self.recipe.export
@@ -279,11 +354,17 @@ class Pipeline:
             got = predict_onnx(sess, sample, bs)
             agree = output_agreement(ref, got)
             self.parity.append({"batch_size": bs, **{k: round(v, 6) for k, v in agree.items()}})
-            if agree["cosine"] < ex.parity_min_cosine:
-                raise ExportError(
-                    f"ONNX Runtime output of model.onnx disagrees with the torch model at batch "
-                    f"{bs}: cosine {agree['cosine']:.4f} < export.parity_min_cosine "
-                    f"{ex.parity_min_cosine}")
+            problem = parity_problem(ref, got, ex.parity_min_cosine)
+            if problem:
+                raise ExportError(f"ONNX Runtime output of model.onnx disagrees with the torch "
+                                  f"model at batch {bs}: {problem}")
+        # quantize (engine: onnx) places its Q/DQ on the exported graph: the torch model stays
+        # float, so the check above compared float with float and there is no torch twin.
+        batch = self.recipe.calibration.batch_size if self.recipe.calibration else 32
+        if apply_graph_quantization(self.handle, self.model_onnx, self.calib, self.workdir,
+                                    batch) is not None:
+            self.compressed_torch = None
+            return
         self.compressed_torch = predict_torch(self.handle, self.eval,
                                               self.recipe.evaluation.batch_size, self.device)
 
@@ -300,11 +381,19 @@ class Pipeline:
         if getattr(self, "compressed_torch", None) is not None:
             self.metrics["compressed_torch"] = task_metrics(
                 task, self.reference, self.compressed_torch, labels, ev.retrieval_k)
-            self.parity.append({"batch_size": "eval", **{k: round(v, 6) for k, v in output_agreement(
-                self.compressed_torch, comp_out).items()}})
+            agreement = output_agreement(self.compressed_torch, comp_out)
+            self.parity.append({"batch_size": "eval",
+                                **{k: round(v, 6) for k, v in agreement.items()}})
         if "top1" in self.metrics["original"]:
-            self.metrics["drop"] = {"top1_points": round(
-                (self.metrics["original"]["top1"] - self.metrics["compressed"]["top1"]) * 100, 4)}
+            # Paired outcomes on the same samples: what the accuracy change's interval needs.
+            orig_right = fp32_out.argmax(-1) == labels
+            comp_right = comp_out.argmax(-1) == labels
+            self.metrics["drop"] = {
+                "top1_points": round(
+                    (self.metrics["original"]["top1"] - self.metrics["compressed"]["top1"]) * 100,
+                    4),
+                "lost": int((orig_right & ~comp_right).sum()),
+                "gained": int((~orig_right & comp_right).sum()), "samples": len(labels)}
         self.gate = gate_checks(ev.gate, task, self.metrics["original"],
                                 self.metrics["compressed"], ev.retrieval_k)
 
@@ -324,6 +413,18 @@ class Pipeline:
             bs: round(lat["original"][bs] / max(lat["compressed"][bs], 1e-9), 3)
             for bs in lat["original"]}
 
+    def _recipe_as_shown(self) -> dict:
+        """The recipe as run, with files given on the command line (or uploaded to the
+        service) by their names only: reports never show where the server keeps them."""
+        data = self.recipe.model_dump(mode="json")
+        model_field = "weights" if self.recipe.model.source == "timm" else "path"
+        for key, section, field_name in (("model", "model", model_field),
+                                         ("calib", "calibration", "path"),
+                                         ("eval", "evaluation", "path")):
+            if self.overrides[key] and data.get(section):
+                data[section][field_name] = Path(self.overrides[key]).name
+        return data
+
     def write_report(self) -> dict:
         h = self.handle
         layers = []
@@ -337,7 +438,8 @@ class Pipeline:
             plots.append({"title": "Latency", "file": "plots/latency.png"})
         for pr in self.pass_reports:
             plots += pr.plots
-        (self.out / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        recipe = self._recipe_as_shown()
+        (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         orig_size = onnx_size_bytes(self.fp32_path)
         comp_size = onnx_size_bytes(self.model_onnx)
         artifacts = []
@@ -346,16 +448,20 @@ class Pipeline:
             if rel in ("report.json", "report.html") or rel.startswith("."):
                 continue
             artifacts.append({"name": rel, "bytes": f.stat().st_size, "sha256": _sha256(f)})
+        self.gate = self.gate + performance_checks(
+            self.recipe.evaluation.gate, self.latency_result.get("speedup"), comp_size)
         gate_passed = all(c["passed"] for c in self.gate)
         report = {
             "schema_version": REPORT_SCHEMA_VERSION,
             "compress_version": __version__,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "recipe": self.recipe.model_dump(mode="json"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "recipe": recipe,
             "model": {"source": h.source, "name": h.name, "task": h.task,
                       "output": h.output_name,
-                      "params": h.param_count() or None,
-                      "path": str(self.model_path) if self.model_path else None},
+                      "params": self.original_params,
+                      "params_counted": PARAMS_COUNTED[h.source == "onnx"],
+                      "path": _shown(self.overrides["model"],
+                                     _given_model_path(self.recipe, None))},
             "data": {"calibration": self.calib.summary() if self.calib else None,
                      "evaluation": self.eval.summary()},
             "device": str(self.device),
@@ -367,7 +473,13 @@ class Pipeline:
             "size": {"original_bytes": orig_size, "compressed_bytes": comp_size,
                      "ratio": round(orig_size / max(comp_size, 1), 3)},
             "latency": self.latency_result,
-            "export": {"opset": self.recipe.export.opset, "artifacts": artifacts,
+            "export": {"opset": self.recipe.export.opset,
+                       "exporter": {f: v["exporter"] for f, v in
+                                    self.handle.info.get("export", {}).items()},
+                       "exporter_failures": {f: v["failed"] for f, v in
+                                             self.handle.info.get("export", {}).items()
+                                             if v["failed"]},
+                       "artifacts": artifacts,
                        "parity": self.parity, "op_histogram": op_histogram(self.model_onnx),
                        "ort_cpu_kernels": getattr(self, "lowered", None),
                        "files": [f.name for f in onnx_files(self.model_onnx)]},
@@ -378,6 +490,7 @@ class Pipeline:
             + (self.calib.notes if self.calib else [])
             + ([] if self.eval is self.calib else self.eval.notes),
         }
+        report["verdict"] = verdict(report)
         return report
 
     def run(self) -> CompressResult:
@@ -408,7 +521,7 @@ class Pipeline:
                 self.stages["total"] = round(time.perf_counter() - t_all, 3)
                 report = self.write_report()
                 report_path = self.out / "report.json"
-                report_path.write_text(json.dumps(report, indent=2, default=str))
+                report_path.write_text(strict_json(report))
                 html_path = write_html(report, self.out, self.out / "report.html")
         failures = [describe_failure(c) for c in report["gate"]["checks"] if not c["passed"]]
         return CompressResult(out_dir=self.out, report=report, model_path=self.model_onnx,

@@ -21,12 +21,18 @@ def observe_activations(handle: ModelHandle, ctx: PassContext, label: str = "cal
         ctx.progress(0.8 * n / total, f"{label} {n}/{total}")
     for q in quantizers:
         if q.mode == "observe":
-            q.freeze()
+            if q.observed:
+                q.freeze()
+            else:
+                # Never reached by the calibration data: no range to freeze. It stays off (the
+                # layer's input stays float) and the pass reports the layer.
+                q.mode = "off"
     return n
 
 
 @torch.no_grad()
-def measure_layer_sqnr(handle: ModelHandle, ctx: PassContext, max_samples: int = 64) -> dict[str, float]:
+def measure_layer_sqnr(handle: ModelHandle, ctx: PassContext,
+                       max_samples: int = 64) -> dict[str, float]:
     """Local output SQNR (dB) of every quantized layer: quantized vs float on the same input."""
     layers = {n: m for n, m in handle.module.named_modules() if isinstance(m, QUANT_MODULES)}
     for m in layers.values():

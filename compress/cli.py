@@ -10,11 +10,13 @@ import json
 import logging
 import sys
 import traceback
-from pathlib import Path
 
 import click
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, CompressError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, CompressError, InputError
+
+# Nothing heavy (torch, timm, onnx, fastapi) is imported at module level: `compress --help` and
+# the service client commands start in a fraction of a second; each command imports its own.
 
 log = logging.getLogger("compress")
 
@@ -93,29 +95,78 @@ def main() -> None:
     """Compress trained models for ONNX Runtime: quantization, binarization, token pruning."""
 
 
+def resolve_recipe_arg(recipe: str) -> str:
+    """A recipe file, or the name of a bundled recipe (recipes/NAME.yaml); a file that exists
+    wins over a bundled name."""
+    from pathlib import Path
+
+    from .bundled import bundled_recipe_path
+
+    if Path(recipe).exists():
+        return recipe
+    bundled = bundled_recipe_path(recipe)
+    return str(bundled) if bundled is not None else recipe
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse to mix a new run's results with an earlier run's unless --overwrite says so."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(f"--out {out_dir!r} is not empty (it holds "
+                         f"{sum(1 for _ in out.iterdir())} entries, e.g. an earlier run's "
+                         "results); pass --overwrite to replace them, or choose another folder")
+    from .api import clean_out_dir
+
+    clean_out_dir(out)
+
+
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe")
 @click.option("--model", "model_path", help="weights file, HF model folder or ONNX file "
               "(overrides model.weights / model.path)")
 @click.option("--calib", "calib_path", help="calibration data (overrides calibration.path)")
 @click.option("--eval", "eval_path", help="evaluation data (overrides evaluation.path)")
 @click.option("--out", "out_dir", default="out", show_default=True, help="output folder")
+@click.option("--overwrite", is_flag=True,
+              help="replace the results in a non-empty --out folder (refused without it)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="edit the recipe, e.g. --set passes.0.activations.observer=percentile")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @click.option("--no-progress", is_flag=True, help="hide the progress bar")
 @click.option("-v", "--verbose", is_flag=True)
-def run(recipe, model_path, calib_path, eval_path, out_dir, overrides, device, as_json,
-        no_progress, verbose):
-    """Compress a model as RECIPE says; write the ONNX model and the report to --out."""
+def run(recipe, model_path, calib_path, eval_path, out_dir, overwrite, overrides, device,
+        as_json, no_progress, verbose):
+    """Compress a model as RECIPE says; write the ONNX model and the report to --out.
+
+    RECIPE is a YAML file or the name of a bundled recipe (see `compress recipe list`).
+    """
     _setup_logging(verbose)
+    from pathlib import Path
+
     from .api import compress
+    from .recipe import load_recipe
+
+    try:
+        # The recipe is checked before --out: a bad recipe is the first thing to fix. A --calib
+        # path stands in for calibration.path, as compress() does.
+        values = {"calibration.path": str(Path(calib_path).expanduser().resolve())} \
+            if calib_path else None
+        loaded = load_recipe(resolve_recipe_arg(recipe), overrides=list(overrides),
+                             values=values)
+        check_out_dir(out_dir, overwrite)
+    except Exception as e:  # noqa: BLE001 - mapped to exit codes
+        _fail(e, as_json)
+        return
 
     bar = _Bar(enabled=not no_progress)
     try:
-        result = compress(recipe, model=model_path, calib=calib_path, eval=eval_path,
-                          out_dir=out_dir, overrides=list(overrides), progress=bar,
+        result = compress(loaded, model=model_path, calib=calib_path, eval=eval_path,
+                          out_dir=out_dir, progress=bar,
                           device=device)
     except Exception as e:  # noqa: BLE001 - mapped to exit codes
         bar.close()
@@ -130,15 +181,21 @@ def run(recipe, model_path, calib_path, eval_path, out_dir, overrides, device, a
 
 
 def _print_summary(result) -> None:
+    from .report.verdict import speed_words, verdict
+
     r = result.report
     m = r["metrics"]
+    click.echo(f"verdict: {(r.get('verdict') or verdict(r))['line']}")
     click.echo(f"model:  {result.model_path}")
     click.echo(f"report: {result.html_path}  (JSON: {result.report_path})")
     size = r["size"]
     click.echo(f"size:   {size['original_bytes'] / 1e6:.2f} MB -> "
-               f"{size['compressed_bytes'] / 1e6:.2f} MB ({size['ratio']:.2f}x smaller)")
+               f"{size['compressed_bytes'] / 1e6:.2f} MB ("
+               + (f"{size['ratio']:.2f}× smaller)" if size["ratio"] >= 1 else
+                  f"{1 / size['ratio']:.2f}× larger)"))
     if r["latency"].get("speedup"):
-        sp = ", ".join(f"batch {b}: {s:.2f}x" for b, s in r["latency"]["speedup"].items())
+        sp = ", ".join(f"batch {b}: {speed_words(s)}" for b, s in
+                       r["latency"]["speedup"].items())
         click.echo(f"speed:  {sp} ({r['latency']['threads']} threads)")
     comp = m["compressed"]
     if "top1" in comp:
@@ -159,7 +216,24 @@ def _print_summary(result) -> None:
 
 @main.group()
 def recipe() -> None:
-    """Validate recipes and print their JSON Schema."""
+    """List bundled recipes, validate recipes and print their JSON Schema."""
+
+
+@recipe.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def recipe_list(as_json):
+    """List the bundled recipes: name, model, passes, description. Run one by name:
+    `compress run NAME` or `compress submit NAME`."""
+    from .bundled import list_bundled
+
+    rows = list_bundled()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['model']}  [{', '.join(r['passes']) or 'no passes'}]"
+                   f"  {r['description']}")
 
 
 @recipe.command("validate")

@@ -47,7 +47,8 @@ class PassContext:
     onnx_path: Path | None = None
 
     def progress(self, fraction: float, message: str = "") -> None:
-        """Report progress in [0, 1] of this pass; raises CancelledError if the job was cancelled."""
+        """Report progress in [0, 1] of this pass; raises CancelledError if the job was
+        cancelled."""
         if self.progress_fn is not None:
             self.progress_fn(min(max(fraction, 0.0), 1.0), message)
 

@@ -7,6 +7,7 @@ integer labels, subsampled deterministically (seeded permutation) to ``num_sampl
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +81,14 @@ def subset_indices(n_available: int, n_wanted: int, seed: int) -> np.ndarray:
 def load_dataset(spec: DataSpec, path: Path, handle: ModelHandle, role: str) -> Dataset:
     """Load ``path`` for ``handle`` as described by ``spec``; ``role`` names the recipe section."""
     if not path.exists():
-        raise DataError(f"{role}.path {str(path)!r} does not exist; pass an image folder, .npz, "
-                        f".npy, .txt or .jsonl file (--{'calib' if role == 'calibration' else 'eval'})")
+        option = "--calib" if role == "calibration" else "--eval"
+        raise DataError(f"{role}.path {path.name!r} does not exist; pass an image folder, .npz, "
+                        f".npy, .txt or .jsonl file ({option})")
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     if not fmt:
         raise DataError(f"{role}.path {path.name!r}: cannot tell the format from the extension "
-                        f"{path.suffix!r}; set {role}.format to imagefolder, npz, npy, text or jsonl")
+                        f"{path.suffix!r}; set {role}.format to imagefolder, npz, npy, text or "
+                        "jsonl")
     image_formats = ("imagefolder", "npz", "npy")
     if handle.task == "image-classification" and fmt not in image_formats:
         raise DataError(f"{role}.path {path.name!r} is {fmt} data, but the model is an image "
@@ -114,23 +117,36 @@ def _check_image_shape(x: np.ndarray, handle: ModelHandle, role: str, name: str)
 
 
 def _load_arrays(spec: DataSpec, path: Path, handle: ModelHandle, role: str, fmt: str) -> Dataset:
+    expected = ("an .npy file written by numpy.save" if fmt == "npy" else
+                "an .npz file written by numpy.savez (a zip of .npy arrays)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{role}.path {path.name!r} is empty (0 bytes); expected {expected} "
+                        "holding model-ready inputs [N, C, H, W]")
     try:
-        if fmt == "npy":
-            arrays = {"x": np.load(path, allow_pickle=False)}
-        else:
-            with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as z:
                 arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise DataError(f"{role}.path {path.name!r}: cannot read as {fmt} without pickle: "
-                        f"{str(e)[:200]}") from None
+            if fmt == "npy":
+                raise ValueError("it is a zip of named arrays (.npz), not a single array")
+        elif fmt == "npz":
+            raise ValueError("it holds a single array (.npy), not a zip of named arrays")
+        else:
+            arrays = {"x": loaded}
+    # numpy raises EOFError on truncated headers, BadZipFile on damaged archives, ValueError on
+    # pickled objects: all are a bad file, never a bug. Only the file's name is shown.
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        why = (str(e).replace(str(path), path.name).splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{role}.path {path.name!r}: cannot read as {fmt} without pickle "
+                        f"({why[:200]}); expected {expected}") from None
     key = spec.input_key or next((k for k in NPZ_INPUT_KEYS if k in arrays), None)
     if key is None or key not in arrays:
         raise DataError(f"{role}.path {path.name!r}: no input array; found {sorted(arrays)}, "
                         f"expected one of {list(NPZ_INPUT_KEYS)} or set {role}.input_key")
     x = arrays[key]
-    if not np.issubdtype(x.dtype, np.number):
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{role}.path {path.name!r}: array {key!r} has dtype {x.dtype}, "
-                        "expected numbers")
+                        "expected real numbers (float or integer)")
     _check_image_shape(x, handle, role, path.name)
     labels = arrays.get(spec.label_key)
     if labels is not None:
@@ -139,7 +155,16 @@ def _load_arrays(spec: DataSpec, path: Path, handle: ModelHandle, role: str, fmt
                             f"array with one label per input ({len(x)}), got shape "
                             f"{list(labels.shape)} dtype {labels.dtype}")
     idx = subset_indices(len(x), spec.num_samples, spec.seed)
-    return Dataset({IMAGE_INPUT: torch.from_numpy(np.ascontiguousarray(x[idx], np.float32))},
+    with np.errstate(over="ignore"):  # values beyond float32 become Inf, refused just below
+        chosen = np.ascontiguousarray(x[idx], np.float32)
+    finite = np.isfinite(chosen).reshape(len(chosen), -1).all(1) if len(chosen) else \
+        np.ones(0, bool)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{role}.path {path.name!r}: array {key!r} holds NaN or Inf (or values "
+                        f"beyond float32) in {len(bad)} of {len(chosen)} samples used, first "
+                        f"at index {int(idx[bad[0]])}; inputs must be finite numbers")
+    return Dataset({IMAGE_INPUT: torch.from_numpy(chosen)},
                    None if labels is None else torch.from_numpy(labels[idx].astype(np.int64)),
                    available=len(x))
 
@@ -160,7 +185,8 @@ def _load_imagefolder(spec: DataSpec, path: Path, handle: ModelHandle, role: str
         files = [(f, None) for f in sorted(path.iterdir())
                  if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
     if not files:
-        raise DataError(f"{role}.path {str(path)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+        raise DataError(f"{role}.path {path.name!r} holds no images "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "use one subfolder per class, or put unlabeled images directly in it")
     cfg = dict(handle.data_config)
     transform = create_transform(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"],
@@ -175,7 +201,8 @@ def _load_imagefolder(spec: DataSpec, path: Path, handle: ModelHandle, role: str
             with Image.open(f) as im:
                 xs.append(transform(im.convert(mode)))
         except (OSError, Image.DecompressionBombError, ValueError) as e:
-            raise DataError(f"{role}: cannot read image {str(f.relative_to(path))!r}: {e}") from None
+            raise DataError(f"{role}: cannot read image {str(f.relative_to(path))!r}: "
+                            f"{e}") from None
         ys.append(label)
     labels = torch.tensor(ys, dtype=torch.int64) if classes else None
     ds = Dataset({IMAGE_INPUT: torch.stack(xs)}, labels, available=len(files))
@@ -198,7 +225,8 @@ def _load_text(spec: DataSpec, path: Path, handle: ModelHandle, role: str, fmt: 
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{role}.path {path.name!r} line {lineno}: not JSON ({e.msg})") from None
+                raise DataError(f"{role}.path {path.name!r} line {lineno}: not JSON "
+                                f"({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get(spec.text_field), str):
                 raise DataError(f"{role}.path {path.name!r} line {lineno}: expected an object with "
                                 f"a string field {spec.text_field!r} (set {role}.text_field)")

@@ -184,12 +184,12 @@ def dmd_terms(s: Recorder, t: Recorder, mask: torch.Tensor | None, qkv: bool, hi
     am = mask[:, None, :, None].float() if mask is not None else None
     if qkv:
         for xs, xt in ((s.q, t.q), (s.k, t.k), (s.v, t.v)):
-            for a, b in zip(xs, xt):
+            for a, b in zip(xs, xt, strict=False):
                 if am is not None:
                     a, b = a * am, b * am
                 lq = lq + direction_loss(similarity(a.float()), similarity(b.float()))
     if hidden:
-        for a, b in zip(s.hidden, t.hidden):
+        for a, b in zip(s.hidden, t.hidden, strict=False):
             if a is None or b is None:
                 continue
             if hm is not None:
@@ -262,6 +262,10 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: dict[str, torch.Tens
             batch, y = sample_batch(inputs, labels, idx, device)
             with torch.no_grad():
                 t_out = forward(teacher, batch)
+            # eval() again every step: some models (timm LeViT) cache tensors computed from
+            # trainable parameters while in eval mode and drop the cache in train(); a cache
+            # kept across steps would backpropagate through the previous step's freed graph.
+            student.eval()
             s_out = forward(student, batch)
             l_out, l_ce = output_loss(task, s_out, t_out, y, settings)
             loss = settings.output_weight * l_out

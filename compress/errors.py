@@ -4,7 +4,8 @@
     ├── InputError                the user's input is wrong (exit 2, HTTP 422)
     │   ├── RecipeError           recipe YAML or a field in it; ``errors`` lists (path, message)
     │   ├── ModelLoadError        a model file or folder cannot be read or does not fit
-    │   │   └── UnsupportedModelError   the architecture or task is not supported by a pass
+    │   │   ├── UnsupportedModelError   the architecture or task is not supported by a pass
+    │   │   └── NonFiniteError    weights, or the model's outputs on the data, hold NaN or Inf
     │   └── DataError             calibration or evaluation data cannot be read or does not fit
     ├── PassError                 a pass failed on valid input (exit 1); keeps ``__cause__``
     ├── ExportError               ONNX export or ONNX Runtime verification failed (exit 1)
@@ -62,6 +63,10 @@ class UnsupportedModelError(ModelLoadError):
     pass
 
 
+class NonFiniteError(ModelLoadError):
+    """NaN or Inf in a checkpoint's tensors or in the original model's outputs: bad input."""
+
+
 class DataError(InputError):
     pass
 
@@ -88,4 +93,5 @@ class QualityGateError(CompressError):
         self.failures = failures
         self.report_path = report_path
         where = f" (report: {report_path})" if report_path else ""
-        super().__init__("quality gate failed" + where + ":\n" + "\n".join(f"  - {f}" for f in failures))
+        listed = "\n".join(f"  - {f}" for f in failures)
+        super().__init__("quality gate failed" + where + ":\n" + listed)

@@ -5,6 +5,7 @@ in order and how to export. Errors name the exact field path (``passes.0.weights
 """
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -15,6 +16,7 @@ from . import passes as _passes  # noqa: F401  (registers every pass before the 
 from .errors import RecipeError
 from .registry import all_passes
 from .specs import (
+    MAX_NAME_CHARS,
     CalibrationSpec,
     EvaluationSpec,
     ExportSpec,
@@ -23,13 +25,14 @@ from .specs import (
 )
 
 RECIPE_VERSION = 1
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a short YAML file; one limit for CLI and service
 
 
 def _pass_union():
     configs = [e.config_cls for e in all_passes().values()]
     if len(configs) == 1:
         return configs[0]
-    return Annotated[Union[tuple(configs)], Field(discriminator="type")]
+    return Annotated[Union[tuple(configs)], Field(discriminator="type")]  # noqa: UP007
 
 
 def _build_recipe_class():
@@ -39,8 +42,8 @@ def _build_recipe_class():
         """A compression recipe (version 1)."""
 
         version: Literal[1] = Field(description="recipe format version; this build reads 1")
-        name: str = ""
-        description: str = ""
+        name: str = Field("", max_length=MAX_NAME_CHARS)
+        description: str = Field("", max_length=10_000)
         device: Literal["auto", "cpu", "cuda"] = Field(
             "auto", description="where calibration and training run; auto picks CUDA if present")
         model: ModelSpec
@@ -82,10 +85,43 @@ def _format_loc(loc: tuple) -> str:
         # Discriminated unions add the tag ('quantize') after the list index; drop it.
         if i >= 2 and loc[i - 2] == "passes" and isinstance(loc[i - 1], int):
             continue
-        if isinstance(p, str) and p.startswith("function-"):
+        if isinstance(p, str) and (p.startswith("function-") or _UNION_TAG.fullmatch(p)):
             continue
         parts.append(str(p))
     return ".".join(parts)
+
+
+# Union members that pydantic adds to an error's loc ('img_size.constrained-int'); not fields.
+_UNION_TAG = re.compile(r"(constrained-)?(int|float|bool|str)|(list|tuple|dict|literal)\[.*\]")
+# Type mismatches against the other members of a union: noise when a member gave a real reason.
+_UNION_MISMATCH = {"int_type", "int_parsing", "float_type", "float_parsing", "bool_type",
+                   "string_type", "list_type", "tuple_type", "dict_type", "model_type",
+                   "literal_error", "int_from_float"}
+
+
+# A recipe of thousands of misspelt keys must not cost seconds or answer megabytes.
+MAX_REPORTED_ERRORS = 50
+
+
+def _format_errors(errors: list[dict]) -> list[tuple[str, str]]:
+    formatted = [(_format_error(err), err["type"]) for err in errors]
+    # A union mismatch at a path is noise when a more specific reason sits at or under it:
+    # collect every prefix of every reason's path once (linear, not pairwise).
+    covered = set()
+    for (path, _), kind in formatted:
+        if kind not in _UNION_MISMATCH:
+            parts = path.split(".")
+            covered.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    unique: dict[tuple[str, str], None] = {}
+    for (path, msg), kind in formatted:
+        if not (kind in _UNION_MISMATCH and path in covered):
+            unique.setdefault((path, msg), None)
+    out = list(unique)
+    if len(out) > MAX_REPORTED_ERRORS:
+        more = len(out) - MAX_REPORTED_ERRORS
+        out = out[:MAX_REPORTED_ERRORS] + [("", f"... and {more} more problems not listed; "
+                                                "fix the ones above first")]
+    return out
 
 
 def _format_error(err: dict) -> tuple[str, str]:
@@ -94,7 +130,8 @@ def _format_error(err: dict) -> tuple[str, str]:
     if err["type"] == "extra_forbidden":
         msg = "unknown field (not allowed here); check its spelling and indentation"
     elif err["type"] == "union_tag_invalid":
-        tag = str(err.get("input", {}).get("type", "")) if isinstance(err.get("input"), dict) else ""
+        given = err.get("input")
+        tag = str(given.get("type", "")) if isinstance(given, dict) else ""
         known = sorted(all_passes())
         close = difflib.get_close_matches(tag, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -115,7 +152,14 @@ def _apply_override(data: dict, assignment: str) -> None:
     if not sep or not key:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. "
                           "passes.0.weights.bits=4")
-    set_dotted(data, key, yaml.safe_load(raw))
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as e:  # a tag (!!python/...), bad or too deep YAML
+        problem = getattr(e, "problem", None) or "nested too deeply"
+        raise RecipeError(f"--set {key}: the value is not plain YAML ({problem}); give a "
+                          "number, string, list or mapping", [(key, f"invalid value: {problem}")]
+                          ) from None
+    set_dotted(data, key, value)
 
 
 def set_dotted(data: dict, key: str, value: Any) -> None:
@@ -152,8 +196,8 @@ def parse_recipe(data: Any, *, source: str = "<recipe>", overrides: list[str] = 
     to values set as they are (used for paths given on the command line).
     """
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a YAML mapping with 'version', 'model', ...; "
-                          f"got {type(data).__name__}", source=source)
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with 'version', "
+                          f"'model', ...; got {type(data).__name__}", source=source)
     for o in overrides:
         _apply_override(data, o)
     for key, value in (values or {}).items():
@@ -161,9 +205,33 @@ def parse_recipe(data: Any, *, source: str = "<recipe>", overrides: list[str] = 
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        errors = [_format_error(err) for err in e.errors()]
-        raise RecipeError(f"{source}: invalid recipe ({len(errors)} problem"
+        errors = _format_errors(e.errors())
+        errors, blamed = _blame_overrides(errors, overrides)
+        what = f"{', '.join(f'--set {o}' for o in blamed)} (on {source})" if blamed else source
+        raise RecipeError(f"{what}: invalid recipe ({len(errors)} problem"
                           f"{'s' if len(errors) != 1 else ''})", errors, source=source) from None
+
+
+def _blame_overrides(errors: list[tuple[str, str]], overrides: list[str]
+                     ) -> tuple[list[tuple[str, str]], list[str]]:
+    """Name the --set that caused each error: a field at, above or below an override's key.
+
+    Returns the errors (messages marked "(from --set KEY=VALUE)") and the overrides to blame
+    when every error comes from one of them, so the headline names the override, not the file.
+    """
+    keys = [(o.partition("=")[0], o) for o in overrides]
+    marked, blamed, all_from_overrides = [], [], bool(errors)
+    for path, msg in errors:
+        cause = next((o for k, o in reversed(keys) if path == k or path.startswith(k + ".")
+                      or (path and k.startswith(path + "."))), None)
+        if cause is None:
+            all_from_overrides = False
+            marked.append((path, msg))
+            continue
+        marked.append((path, f"{msg} (from --set {cause})"))
+        if cause not in blamed:
+            blamed.append(cause)
+    return marked, blamed if all_from_overrides else []
 
 
 def load_recipe(path: str | Path, *, overrides: list[str] = (),
@@ -173,9 +241,9 @@ def load_recipe(path: str | Path, *, overrides: list[str] = (),
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist; pass the path of a YAML "
                           "recipe, or one of the bundled recipes in recipes/", source=str(path))
-    if path.stat().st_size > 1_000_000:
-        raise RecipeError(f"{path}: recipe is larger than 1 MB; a recipe is a short YAML file",
-                          source=str(path))
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe "
+                          "is a short YAML file", source=str(path))
     text = path.read_text(encoding="utf-8", errors="replace")
     recipe = recipe_from_yaml(text, source=str(path), overrides=overrides, values=values)
     recipe._base_dir = str(path.resolve().parent)
@@ -186,6 +254,9 @@ def recipe_from_yaml(text: str, *, source: str = "<recipe>", overrides: list[str
                      values: dict[str, Any] | None = None) -> Recipe:
     try:
         data = yaml.safe_load(text)
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise RecipeError(f"{source}: not valid YAML: nested too deeply (a recipe is a few "
+                          "levels deep)", source=source) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

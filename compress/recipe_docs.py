@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import textwrap
+import types
+from typing import Annotated, Literal, Union, get_args, get_origin, get_type_hints
 
+import annotated_types
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -22,6 +25,7 @@ from .specs import (
     LatencySpec,
     ModelSpec,
     PreprocessSpec,
+    TimmKwargs,
 )
 
 INTRO = """# Recipe reference
@@ -48,11 +52,57 @@ export: {...}              # ONNX export settings
 """
 
 
-def _type_name(annotation) -> str:
-    s = str(annotation)
-    for junk in ("typing.", "<class '", "'>", "compress.specs.", "compress.passes."):
-        s = s.replace(junk, "")
-    return s.replace("|", "\\|")
+def _bounds(metadata, unit: str = "items") -> str:
+    """Pydantic constraints as text: ``1 to 1,024``, ``>= 0``, ``1 to 16 items``."""
+    lo = hi = None
+    lo_op, hi_op = ">=", "<="
+    n_min = n_max = None
+    for m in metadata:
+        if isinstance(m, annotated_types.Ge):
+            lo = m.ge
+        elif isinstance(m, annotated_types.Gt):
+            lo, lo_op = m.gt, ">"
+        elif isinstance(m, annotated_types.Le):
+            hi = m.le
+        elif isinstance(m, annotated_types.Lt):
+            hi, hi_op = m.lt, "<"
+        elif isinstance(m, annotated_types.MinLen):
+            n_min = m.min_length
+        elif isinstance(m, annotated_types.MaxLen):
+            n_max = m.max_length
+    parts = []
+    if lo is not None and hi is not None and lo_op == ">=" and hi_op == "<=":
+        parts.append(f"{lo:,} to {hi:,}")
+    else:
+        parts += [f"{op} {v:,}" for op, v in ((lo_op, lo), (hi_op, hi)) if v is not None]
+    if n_max is not None:
+        parts.append(f"{n_max:,} {unit}" if n_min == n_max else
+                     f"{n_min:,} to {n_max:,} {unit}" if n_min else f"up to {n_max:,} {unit}")
+    elif n_min:
+        parts.append(f"at least {n_min} {unit}")
+    return ", ".join(parts)
+
+
+def _type_name(annotation, metadata=()) -> str:
+    """A readable type with its bounds: ``list[int 1 to 1024] (1 to 16 items)``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        inner, *meta = args
+        for m in meta:  # Field(...) inside Annotated carries its constraints in .metadata
+            meta += getattr(m, "metadata", [])
+        return _type_name(inner, [*meta, *metadata])
+    is_str = annotation is str or str in args
+    bounds = _bounds(metadata, "chars" if is_str else "items")
+    suffix = f" ({bounds})" if bounds else ""
+    if origin in (Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args) + suffix
+    if origin is Literal:
+        return " \\| ".join(json.dumps(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]{suffix}"
+    return getattr(annotation, "__name__", str(annotation)) + suffix
 
 
 def _default(field) -> str:
@@ -73,7 +123,14 @@ def fields_table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
         if name in skip:
             continue
         desc = (f.description or "").replace("|", "\\|")
-        rows.append(f"|`{name}`|{_type_name(f.annotation)}|{_default(f)}|{desc}|")
+        rows.append(f"|`{name}`|{_type_name(f.annotation, f.metadata)}|{_default(f)}|{desc}|")
+    return "\n".join(rows)
+
+
+def kwargs_table() -> str:
+    rows = ["|argument|type|", "|---|---|"]
+    for name, hint in get_type_hints(TimmKwargs, include_extras=True).items():
+        rows.append(f"|`{name}`|{_type_name(hint)}|")
     return "\n".join(rows)
 
 
@@ -99,6 +156,10 @@ def generate() -> str:
     for title, model, doc in sections:
         parts.append(f"## `{title}`\n\n{textwrap.dedent(doc or '').strip()}\n\n"
                      f"{fields_table(model)}\n")
+        if model is ModelSpec:
+            doc = textwrap.dedent(TimmKwargs.__doc__.split("\n", 1)[1]).strip()
+            parts.append(f"### `model.kwargs` (source timm)\n\n{doc} Source hf and onnx take "
+                         f"no kwargs.\n\n{kwargs_table()}\n")
     parts.append("## `passes`\n\nEach entry has a `type` and that pass's fields. Torch passes "
                  "change the PyTorch model before export; ONNX passes rewrite the exported "
                  "graph afterwards.\n")

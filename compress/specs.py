@@ -2,31 +2,139 @@
 
 Kept apart from recipe.py so that passes and loaders can import them without importing the
 pass registry's union (which needs every pass imported first).
+
+Every size or count has a bound that real models need and no more (a batch of 1e9 or a
+100000x100000 image would only exhaust the worker), and nothing a recipe passes to a model
+constructor can name a file or a URL: ``model.kwargs`` is an allow-list (TimmKwargs).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Union
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from typing_extensions import TypedDict  # pydantic reads TypedDicts from here on Python < 3.12
+
+# Upper bounds of recipe sizes: what the largest real models in scope need, with headroom.
+MAX_BATCH = 1024
+MAX_BATCH_LIST = 16          # entries in a list of batch sizes
+MAX_SAMPLES = 1_000_000
+MAX_IMAGE_SIDE = 4096
+MAX_CHANNELS = 64
+MAX_SEQ_LEN = 8192
+MAX_CLASSES = 100_000
+MAX_DEPTH = 256              # transformer blocks / encoder layers
+MAX_HEADS = 256
+MAX_WIDTH = 16_384           # embedding / hidden size
+MAX_TOKENS = 16_384          # tokens per image or sentence
+MAX_STEPS = 1_000_000
+MAX_THREADS = 1024
+MAX_SEED = 2**32 - 1         # numpy's default_rng takes non-negative seeds
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 200
+
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+ImageSide = Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]
+Channels = Annotated[int, Field(ge=1, le=MAX_CHANNELS)]
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Depth = Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+Heads = Annotated[int, Field(ge=1, le=MAX_HEADS)]
+LayerIndex = Annotated[int, Field(ge=0, lt=MAX_DEPTH)]
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+Rate = Annotated[float, Field(ge=0, le=1)]
+MAX_SPEEDUP = 100
+MAX_SIZE_MB = 1e6
+Speedup = Annotated[float, Field(gt=0, le=MAX_SPEEDUP)]
+PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Inf in a recipe is never meant: every float field refuses them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 Task = Literal["image-classification", "text-embedding"]
-KwargValue = Union[bool, int, float, str, list[int], list[float]]
+
+
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
+class TimmKwargs(TypedDict, total=False):
+    """What a recipe may pass to ``timm.create_model``: architecture shape and head only.
+
+    An allow-list on purpose: timm also takes ``checkpoint_path``, ``pretrained_cfg``,
+    ``pretrained_cfg_overlay`` and ``cache_dir``, which open files or download, so they (and
+    anything not listed here) are refused. Weights come from ``model.weights`` only.
+    """
+
+    num_classes: Annotated[int, Field(ge=0, le=MAX_CLASSES)]
+    img_size: ImageSide | Annotated[list[ImageSide], Field(min_length=2, max_length=2)]
+    in_chans: Channels
+    patch_size: ImageSide | Annotated[list[ImageSide], Field(min_length=2, max_length=2)]
+    embed_dim: Width | Annotated[list[Width], Field(min_length=1, max_length=16)]
+    dims: Annotated[list[Width], Field(min_length=1, max_length=16)]
+    depth: Depth
+    depths: Annotated[list[Depth], Field(min_length=1, max_length=16)]
+    num_heads: Heads | Annotated[list[Heads], Field(min_length=1, max_length=16)]
+    mlp_ratio: Annotated[float, Field(gt=0, le=64)]
+    window_size: ImageSide | Annotated[list[ImageSide], Field(min_length=2, max_length=2)]
+    qkv_bias: bool
+    qk_norm: bool
+    class_token: bool
+    no_embed_class: bool
+    reg_tokens: Annotated[int, Field(ge=0, le=64)]
+    global_pool: Literal["", "token", "avg", "max", "avgmax", "catavgmax", "map", "fast"]
+    fc_norm: bool
+    pre_norm: bool
+    init_values: Annotated[float, Field(ge=0, le=1)]
+    dynamic_img_size: bool
+    dynamic_img_pad: bool
+    drop_rate: Rate
+    pos_drop_rate: Rate
+    patch_drop_rate: Rate
+    proj_drop_rate: Rate
+    attn_drop_rate: Rate
+    drop_path_rate: Rate
+    output_stride: Literal[8, 16, 32]
+
+
+TIMM_KWARGS = tuple(TimmKwargs.__annotations__)
+TIMM_NAME = re.compile(r"[a-z0-9_]{1,100}(\.[a-z0-9_]{1,100})?")
+
+
+def kwargs_not_allowed(keys: list[str], where: str = "model.kwargs") -> str:
+    return (f"not allowed in {where}: a recipe may pass only architecture arguments to the "
+            f"model constructor, never a path, URL or download option (weights come from "
+            f"model.weights). Allowed: {', '.join(TIMM_KWARGS)}")
 
 
 class PreprocessSpec(StrictModel):
     """Image preprocessing for image folders; defaults come from the timm model's config."""
 
-    input_size: list[int] | None = Field(None, description="[channels, height, width]")
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    input_size: Annotated[list[ImageSide], Field(min_length=3, max_length=3)] | None = Field(
+        None, description=f"[channels, height, width]; channels 1 to {MAX_CHANNELS}, sides 1 "
+                          f"to {MAX_IMAGE_SIDE}")
+    mean: Annotated[list[float], Field(min_length=1, max_length=MAX_CHANNELS)] | None = None
+    std: Annotated[list[Annotated[float, Field(gt=0)]],
+                   Field(min_length=1, max_length=MAX_CHANNELS)] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
     crop_pct: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("input_size")
+    @classmethod
+    def _channels(cls, v):
+        if v is not None and v[0] > MAX_CHANNELS:
+            raise ValueError(f"input_size[0] is the channel count: 1 to {MAX_CHANNELS}, got "
+                             f"{v[0]}")
+        return v
 
 
 class ModelSpec(StrictModel):
@@ -35,17 +143,46 @@ class ModelSpec(StrictModel):
     source: Literal["timm", "hf", "onnx"] = Field(
         description="timm: architecture name + weights file; hf: a Hugging Face model folder; "
                     "onnx: an ONNX file (only ONNX-stage passes apply)")
-    name: str | None = Field(None, description="timm architecture, e.g. deit_small_patch16_224")
-    kwargs: dict[str, KwargValue] = Field(
-        default_factory=dict, description="extra keyword arguments for timm.create_model")
-    weights: str | None = Field(
+    name: str | None = Field(
+        None, description="timm architecture, e.g. deit_small_patch16_224 (no hub or folder "
+                          "prefix)")
+    kwargs: TimmKwargs = Field(
+        default_factory=dict, description="architecture arguments for timm.create_model "
+        "(allow-list below; no paths, URLs or download options)")
+    weights: PathStr | None = Field(
         None, description="timm weights: .safetensors, or .pt/.pth read with weights_only=True")
-    path: str | None = Field(None, description="HF model folder or ONNX file")
+    path: PathStr | None = Field(None, description="HF model folder or ONNX file")
     task: Task | None = Field(
         None, description="default: image-classification for timm, text-embedding for hf")
     pooling: Literal["mean", "cls"] = Field("mean", description="text-embedding pooling")
-    normalize: bool = Field(True, description="L2-normalize text embeddings (sentence-transformers)")
+    normalize: bool = Field(True,
+                            description="L2-normalize text embeddings (sentence-transformers)")
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        # timm names are lowercase words with an optional .tag; this keeps out the 'hf-hub:'
+        # and 'local-dir:' prefixes, which make timm download a config or read a folder.
+        if v is not None and not TIMM_NAME.fullmatch(v):
+            raise ValueError("a timm architecture name is lowercase letters, digits and '_' "
+                             "with an optional '.tag' (e.g. deit_small_patch16_224); hub or "
+                             "folder prefixes such as 'hf-hub:' or 'local-dir:' are not allowed")
+        return v
+
+    @field_validator("kwargs", mode="wrap")
+    @classmethod
+    def _allowed_kwargs(cls, value, handler):
+        # Name every refused key at its own path (model.kwargs.checkpoint_path) with the list
+        # of what is allowed; pydantic's own extra_forbidden says neither.
+        if isinstance(value, dict):
+            refused = [k for k in value if k not in TIMM_KWARGS]
+            if refused:
+                raise ValidationError.from_exception_data("kwargs", [InitErrorDetails(
+                    type=PydanticCustomError("kwarg_not_allowed", "{why}",
+                                             {"why": kwargs_not_allowed(refused)}),
+                    loc=(str(k),), input=value[k]) for k in refused])
+        return handler(value)
 
     @model_validator(mode="after")
     def _check_source_fields(self):
@@ -71,18 +208,22 @@ class ModelSpec(StrictModel):
         return "text-embedding" if self.source == "hf" else "image-classification"
 
 
+
 class DataSpec(StrictModel):
-    path: str | None = Field(None, description="image folder, .npz/.npy, .txt or .jsonl "
-                                               "(the CLI's --calib/--eval override it)")
+    path: PathStr | None = Field(None, description="image folder, .npz/.npy, .txt or .jsonl "
+                                                   "(the CLI's --calib/--eval override it)")
     format: Literal["auto", "imagefolder", "npz", "npy", "text", "jsonl"] = "auto"
-    num_samples: int = Field(256, ge=1, le=1_000_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    seed: int = Field(0, description="seed of the deterministic subset")
-    max_length: int = Field(128, ge=8, le=8192, description="token limit for text")
-    text_field: str = Field("text", description="JSONL field holding the sentence")
-    input_key: str | None = Field(None, description="npz array holding inputs (default: the "
-                                                    "first of x, inputs, images, pixel_values)")
-    label_key: str = Field("labels", description="npz array holding integer labels")
+    num_samples: int = Field(256, ge=1, le=MAX_SAMPLES)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the deterministic subset")
+    max_length: int = Field(128, ge=8, le=MAX_SEQ_LEN, description="token limit for text")
+    text_field: str = Field("text", min_length=1, max_length=MAX_NAME_CHARS,
+                            description="JSONL field holding the sentence")
+    input_key: str | None = Field(
+        None, min_length=1, max_length=MAX_NAME_CHARS, description="npz array holding inputs "
+        "(default: the first of x, inputs, images, pixel_values)")
+    label_key: str = Field("labels", min_length=1, max_length=MAX_NAME_CHARS,
+                           description="npz array holding integer labels")
 
 
 class CalibrationSpec(DataSpec):
@@ -93,7 +234,8 @@ class GateSpec(StrictModel):
     """Quality gate on the exported model; every limit given must hold."""
 
     max_accuracy_drop: float | None = Field(
-        None, ge=0, description="top-1 points (0-100) the compressed model may lose; needs labels")
+        None, ge=0, le=100,
+        description="top-1 points (0-100) the compressed model may lose; needs labels")
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     max_kl: float | None = Field(None, ge=0)
     max_logits_rel_error: float | None = Field(
@@ -103,36 +245,58 @@ class GateSpec(StrictModel):
     min_sample_cosine: float | None = Field(None, ge=-1, le=1, description=(
         "worst sample's cosine to the original (embeddings; token maps: its mean over tokens)"))
     min_retrieval_overlap: float | None = Field(None, ge=0, le=1)
+    min_speedup: Speedup | dict[BatchSize, Speedup] | None = Field(None, description=(
+        "fp32 ONNX latency / compressed ONNX latency that must be reached: one number for every "
+        "batch size in evaluation.latency.batch_sizes, or a mapping batch size -> number. 1.0 "
+        "fails a compressed model that is slower than fp32 at any batch size; needs latency "
+        f"measured (evaluation.latency.enabled). Each value in (0, {MAX_SPEEDUP:g}]"))
+    max_size_mb: float | None = Field(None, gt=0, le=MAX_SIZE_MB, description=(
+        "largest compressed model (ONNX file plus external data) in MB (10^6 bytes)"))
+
+
+BatchSizes = Annotated[list[BatchSize], Field(min_length=1, max_length=MAX_BATCH_LIST)]
 
 
 class LatencySpec(StrictModel):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 8])
     repeats: int = Field(20, ge=1, le=10_000)
     warmup: int = Field(3, ge=0, le=1000)
-    threads: int | None = Field(None, ge=1, description="ORT intra-op threads (default: all cores)")
-    seq_len: int = Field(128, ge=1, description="token count for text models")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS,
+                                description="ORT intra-op threads (default: all cores)")
+    seq_len: int = Field(128, ge=1, le=MAX_SEQ_LEN, description="token count for text models")
     enabled: bool = True
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v):
-        if not v or any(b < 1 for b in v):
-            raise ValueError("batch_sizes must be a non-empty list of positive integers")
-        return v
 
 
 class EvaluationSpec(DataSpec):
-    num_samples: int = Field(512, ge=1, le=1_000_000)
+    num_samples: int = Field(512, ge=1, le=MAX_SAMPLES)
     gate: GateSpec = Field(default_factory=GateSpec)
     retrieval_k: int = Field(10, ge=1, le=1000)
     latency: LatencySpec = Field(default_factory=LatencySpec)
+
+    @model_validator(mode="after")
+    def _speed_gate_needs_latency(self):
+        wanted = self.gate.min_speedup
+        if wanted is None:
+            return self
+        if not self.latency.enabled:
+            raise ValueError("gate.min_speedup needs latency measured, but latency.enabled is "
+                             "false; enable evaluation.latency or remove "
+                             "evaluation.gate.min_speedup")
+        if isinstance(wanted, dict):
+            unmeasured = sorted(set(wanted) - set(self.latency.batch_sizes))
+            if unmeasured:
+                raise ValueError(
+                    f"gate.min_speedup names batch size(s) {unmeasured} that are not measured; "
+                    f"evaluation.latency.batch_sizes is {self.latency.batch_sizes}: add them "
+                    "there or remove them from evaluation.gate.min_speedup")
+        return self
 
 
 class ExportSpec(StrictModel):
     opset: int = Field(21, ge=17, le=25)
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: weights in a side file when the model is over 1 GiB")
-    verify_batch_sizes: list[int] = Field(
+    verify_batch_sizes: BatchSizes = Field(
         default_factory=lambda: [1, 3],
         description="batch sizes at which ORT output is checked against torch")
     keep_fp32: bool = Field(True, description="keep model.fp32.onnx beside the compressed model")

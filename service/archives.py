@@ -67,8 +67,8 @@ class _Budget:
         self.written += n
         if self.written > self.max_bytes:
             raise DataError(f"{self.field}: archive expands to more than "
-                            f"{self.max_bytes / 1e6:.0f} MB; upload a smaller data set (or ask "
-                            "the operator to raise max_archive_mb)")
+                            f"{self.max_bytes / (1 << 20):.0f} MiB; upload a smaller data set "
+                            "(or ask the operator to raise max_archive_mb)")
 
 
 def _copy(src, dst: Path, budget: _Budget) -> None:

@@ -4,7 +4,8 @@
     compress submit RECIPE [--wait]      queue a job; --wait exits with its code (0/2/3/1)
     compress status|logs|wait|download|list|cancel|delete
 
-The server URL and token come from --url/--token or COMPRESS_URL/COMPRESS_TOKEN.
+The server URL and token come from --url/--token or COMPRESS_URL/COMPRESS_TOKEN. JOB is a job id
+or a unique prefix of one (at least 4 characters, as `compress list` shows them).
 """
 
 from __future__ import annotations
@@ -134,16 +135,28 @@ def _wait_and_report(client: Client, job_id: str, *, as_json: bool, progress: bo
     if as_json:
         click.echo(json.dumps(job))
     else:
-        _print_job(job, client.url)
+        _print_job(job, client.url, _verdict_line(client, job))
         if job.get("downloaded"):
             click.echo(f"downloaded {len(job['downloaded'])} files to {download}"
                        f" (report: {Path(download) / 'report.html'})")
     return job_exit_code(job)
 
 
-def _print_job(job: dict, base_url: str = "") -> None:
+def _verdict_line(client: Client, job: dict) -> str | None:
+    """The report's verdict line (smaller by, faster or slower by, accuracy change, gate)."""
+    if not job.get("links", {}).get("report"):
+        return None
+    try:
+        return (client.report(job["id"]).get("verdict") or {}).get("line")
+    except ServiceError:
+        return None  # the summary is a courtesy; the job's state and exit code still stand
+
+
+def _print_job(job: dict, base_url: str = "", verdict: str | None = None) -> None:
     click.echo(f"job {job['id']}  {job['name']}  {job['state']}"
                + (f"  {job['percent']:.0f}% {job['stage']}" if job["state"] == "running" else ""))
+    if verdict:
+        click.echo(f"  verdict: {verdict}")
     if job.get("eta_seconds") is not None:
         click.echo(f"  eta: {job['eta_seconds']:.0f} s")
     if job.get("message") and job["state"] != "succeeded":
@@ -203,23 +216,28 @@ def submit(client, recipe, model, calib, eval_, overrides, wait, download, timeo
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--json", "as_json", is_flag=True)
 @client_command
 def status(client, job_id, as_json):
-    """Show a job's state, stage, progress, ETA and error."""
+    """Show a job's state, stage, progress, ETA, error and verdict.
+
+    JOB is a job id or a unique prefix of at least 4 characters (likewise for logs, wait,
+    download, cancel and delete)."""
+    job_id = client.resolve_id(job_id)
     job = client.get(job_id)
     click.echo(json.dumps(job) if as_json else "", nl=as_json)
     if not as_json:
-        _print_job(job, client.url)
+        _print_job(job, client.url, _verdict_line(client, job))
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("-f", "--follow", is_flag=True, help="stream until the job ends")
 @client_command
 def logs(client, job_id, follow):
     """Print a job's log."""
+    job_id = client.resolve_id(job_id)
     if follow:
         for text in client.follow_log(job_id):
             click.echo(text, nl=False)
@@ -229,7 +247,7 @@ def logs(client, job_id, follow):
 
 
 @click.command("wait")
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--download", metavar="DIR", help="fetch the artifacts into DIR")
 @click.option("--timeout", type=float, default=None)
 @click.option("--json", "as_json", is_flag=True)
@@ -237,18 +255,20 @@ def logs(client, job_id, follow):
 @client_command
 def wait_cmd(client, job_id, download, timeout, as_json, no_progress):
     """Wait for a job; exit 0 ok, 2 bad input, 3 quality gate failed, 1 other."""
+    job_id = client.resolve_id(job_id)
     sys.exit(_wait_and_report(client, job_id, as_json=as_json, progress=not no_progress,
                               download=download, timeout=timeout))
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @click.option("--out", "out_dir", default=None, help="folder (default: ./JOB_ID)")
 @click.option("--name", "names", multiple=True, help="only these artifacts (repeatable)")
 @click.option("--no-progress", is_flag=True)
 @client_command
 def download(client, job_id, out_dir, names, no_progress):
     """Download a finished job's artifacts, checking their SHA-256."""
+    job_id = client.resolve_id(job_id)
     from tqdm import tqdm
 
     arts = client.artifacts(job_id)
@@ -282,20 +302,22 @@ def list_jobs(client, state, limit, offset, as_json):
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @client_command
 def cancel(client, job_id):
     """Cancel a queued or running job."""
+    job_id = client.resolve_id(job_id)
     job = client.cancel(job_id)
     click.echo(f"job {job_id}: {job['state']}"
                + (" (stopping)" if job["state"] == "running" else ""))
 
 
 @click.command()
-@click.argument("job_id")
+@click.argument("job_id", metavar="JOB")
 @client_command
 def delete(client, job_id):
     """Delete a finished job and its files."""
+    job_id = client.resolve_id(job_id)
     client.delete(job_id)
     click.echo(f"job {job_id} deleted")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -24,6 +25,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = ("succeeded", "gate_failed", "failed", "cancelled")
 # recipe field -> upload field, for local paths that the client sends along with the recipe
 RECIPE_PATHS = {"calibration.path": "calib", "evaluation.path": "eval"}
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+MIN_ID_PREFIX = 4
 
 
 class ServiceError(Exception):
@@ -151,6 +154,30 @@ class Client:
                 files[key] = (p.name, reader)
             return self._request("POST", "/v1/jobs", data=data, files=files or None,
                                  timeout=httpx.Timeout(60.0, write=None)).json()
+
+    def resolve_id(self, given: str) -> str:
+        """A full job id from a unique prefix of one (as `compress list` shows the first 12
+        characters); a full 32-character id is used as it is."""
+        given = given.strip().lower()
+        if JOB_ID.fullmatch(given):
+            return given
+        if len(given) < MIN_ID_PREFIX or not re.fullmatch(r"[0-9a-f]+", given):
+            raise ServiceError(400, f"job id {given!r}: give the full id or a unique prefix of "
+                                    f"at least {MIN_ID_PREFIX} hex characters (see "
+                                    "`compress list`)")
+        matches, offset = [], 0
+        while offset is not None:
+            page = self.list(limit=500, offset=offset)
+            matches += [j for j in page["jobs"] if j["id"].startswith(given)]
+            offset = page["next_offset"]
+        if not matches:
+            raise ServiceError(404, f"no job id starts with {given!r} (see `compress list`)")
+        if len(matches) > 1:
+            listed = "\n".join(f"  {j['id']}  {j['state']:<11} {j['name']}" for j in matches[:20])
+            more = f"\n  ... and {len(matches) - 20} more" if len(matches) > 20 else ""
+            raise ServiceError(400, f"job id prefix {given!r} is ambiguous: {len(matches)} jobs "
+                                    f"start with it; give more characters:\n{listed}{more}")
+        return matches[0]["id"]
 
     def get(self, job_id: str) -> dict:
         return self._request("GET", f"/v1/jobs/{job_id}").json()

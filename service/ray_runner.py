@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .runner import JobRunner, append_log, conclude_job, job_spec
+from .runner import JobRunner, append_log, conclude_job, job_limits, job_spec
 from .settings import Settings
 from .store import CANCELLED, FAILED, Job, JobStore
 
@@ -57,6 +57,8 @@ class _InFlight:
     log_path: Path
     resources: dict
     cancel_at: float | None = None
+    beat_at: float = 0.0
+    lost: bool = False  # another instance took the job back (it looked stale)
 
 
 class RayRunner(JobRunner):
@@ -144,6 +146,7 @@ class RayRunner(JobRunner):
                 if flight is not None:
                     flights[flight.ref] = flight
             self._check_cancels(flights)
+            self._heartbeat(flights)
             if flights:
                 ready, _ = ray.wait(list(flights), num_returns=len(flights), timeout=0.5)
                 for ref in ready:
@@ -154,7 +157,8 @@ class RayRunner(JobRunner):
                     self._cond.wait(self.settings.poll_interval_s)
         for flight in flights.values():  # stopping: running jobs go back to the queue
             ray.cancel(flight.ref, force=True)
-            self.store.requeue(flight.job.id, "requeued: the service stopped while it ran")
+            self.store.requeue(flight.job.id, "requeued: the service stopped while it ran",
+                               attempt=flight.job.attempts)
             append_log(flight.log_path, "service stopping: Ray task killed and job requeued")
 
     def _submit(self, job: Job) -> _InFlight | None:
@@ -170,9 +174,11 @@ class RayRunner(JobRunner):
                              f"{self.settings.instance} ({resources['num_cpus']:g} CPU, "
                              f"{resources['num_gpus']:g} GPU)")
         self.store.update_running(job.id, message="waiting for a Ray worker")
+        limits = job_limits(self.settings)
         ref = self._remote.options(**resources, name=f"compress-job-{job.id[:8]}").remote(
-            dataclasses.asdict(spec), self.settings.db_url, timeout_s=self.settings.job_timeout_s,
-            cancel_grace_s=self.settings.cancel_grace_s)
+            dataclasses.asdict(spec), self.settings.db_url, timeout_s=limits.timeout_s,
+            memory_bytes=limits.memory_bytes, cancel_grace_s=limits.cancel_grace_s,
+            heartbeat_s=limits.heartbeat_s)
         return _InFlight(job, ref, tmp_out, job_dir, log_path, resources)
 
     def _check_cancels(self, flights: dict) -> None:
@@ -190,8 +196,23 @@ class RayRunner(JobRunner):
                 self._ray.cancel(flight.ref, force=True)
                 flight.cancel_at = float("inf")
 
+    def _heartbeat(self, flights: dict) -> None:
+        """Keep in-flight jobs fresh while they wait for a Ray worker (the task beats once it
+        runs): a job queued in Ray for long is not stale. A job that is no longer running in
+        the store was taken back by another instance; its task is stopped."""
+        now = time.monotonic()
+        beat = job_limits(self.settings).heartbeat_s
+        for flight in flights.values():
+            if flight.lost or now - flight.beat_at < beat:
+                continue
+            flight.beat_at = now
+            if not self.store.update_running(flight.job.id):
+                flight.lost = True
+                self._ray.cancel(flight.ref, force=True)
+
     def _fail(self, job: Job, kind: str, message: str) -> None:
-        self.store.finish(job.id, FAILED, exit_code=1, message=message[:1000],
+        self.store.finish(job.id, FAILED, attempt=job.attempts, exit_code=1,
+                          message=message[:1000],
                           error={"type": kind, "message": message})
         append_log(self.settings.job_dir(job.tenant, job.id) / "job.log", f"failed: {message}")
 
@@ -200,6 +221,11 @@ class RayRunner(JobRunner):
         job = flight.job
         with self._cond:
             self._cancel.discard(job.id)
+        if flight.lost:
+            shutil.rmtree(flight.tmp_out, ignore_errors=True)
+            append_log(flight.log_path, f"attempt {job.attempts} lost the job (requeued "
+                                        "elsewhere); its Ray task was stopped")
+            return
         try:
             res = ray.get(flight.ref)
         except ray.exceptions.TaskCancelledError:
@@ -228,20 +254,22 @@ class RayRunner(JobRunner):
         job = flight.job
         shutil.rmtree(flight.tmp_out, ignore_errors=True)
         if why == "cancelled" or self.store.cancel_requested(job.id):
-            self.store.finish(job.id, CANCELLED, message="cancelled while running", exit_code=1)
+            self.store.finish(job.id, CANCELLED, attempt=job.attempts,
+                              message="cancelled while running", exit_code=1)
             append_log(flight.log_path, f"cancelled: {reason}")
             return
         retries = self.settings.ray_max_retries
         if why == "lost" and job.attempts <= retries:
             msg = f"requeued: {reason} on attempt {job.attempts} (retry {job.attempts} of " \
                   f"{retries})"
-            if self.store.requeue(job.id, msg):
+            if self.store.requeue(job.id, msg, attempt=job.attempts):
                 append_log(flight.log_path, msg)
                 self.notify()
                 return
         if why == "lost":
             reason += f"; gave up after {job.attempts} attempt(s) (ray_max_retries={retries})"
-        self.store.finish(job.id, FAILED, exit_code=1, message=reason[:1000],
+        self.store.finish(job.id, FAILED, attempt=job.attempts, exit_code=1,
+                          message=reason[:1000],
                           error={"type": "WorkerCrashed" if why == "lost" else "RayError",
                                  "message": reason})
         append_log(flight.log_path, f"failed: {reason}")

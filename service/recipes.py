@@ -3,7 +3,10 @@
 Besides the recipe schema, a recipe sent to the service may not name files on the server: every
 model or data path must be uploaded with the job or point into the bundled reference models
 (``reference:digits-vit/calib.npz``). Otherwise a recipe could make the server read any file
-it can see.
+it can see. The other ways a recipe could name a file are closed by the schema itself
+(compress.specs): ``model.kwargs`` is an allow-list of architecture arguments (no
+``checkpoint_path``, ``pretrained_cfg`` or ``cache_dir``) and ``model.name`` cannot carry timm's
+``hf-hub:`` or ``local-dir:`` prefixes.
 """
 
 from __future__ import annotations
@@ -75,10 +78,11 @@ def check_recipe(text: str, *, uploads: set[str], overrides: list[str] = (),
     ``uploads`` names the files sent with the job (model, calib, eval): the fields they replace
     may hold anything, every other path must be a reference model path.
     """
-    from compress.recipe import recipe_from_yaml
+    from compress.recipe import MAX_RECIPE_BYTES, recipe_from_yaml
 
-    if len(text.encode()) > 1 << 20:
-        raise RecipeError(f"{source}: recipe is larger than 1 MB", source=source)
+    if len(text.encode()) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB",
+                          source=source)
     recipe = recipe_from_yaml(text, source=source, overrides=list(overrides))
     replaced = {UPLOAD_TARGETS[u] for u in uploads if u in UPLOAD_TARGETS}
     errors = []

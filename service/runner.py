@@ -18,12 +18,15 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from compress.api import _sha256 as sha256_file  # the checksum the report's artifacts use
 
+from .redact import redact_error
 from .settings import Settings
 from .store import CANCELLED, FAILED, GATE_FAILED, SUCCEEDED, Job, JobStore
+from .supervise import HEARTBEAT_S, LOST, MEMORY, MIB, Limits, supervise
 from .worker import JobSpec, run_job
 
 log = logging.getLogger("compress.service")
@@ -31,8 +34,7 @@ log = logging.getLogger("compress.service")
 ARTIFACTS = "artifacts"
 LOG_FILE = "job.log"
 CHECKSUMS = "SHA256SUMS"
-PROGRESS_WRITE_INTERVAL_S = 0.5
-HEARTBEAT_S = 10.0  # a running job's updated_at moves at least this often (see stale_after_s)
+CANCEL_CHECK_S = 1.0  # how often a running job's cancel flag is read from the store
 
 
 class JobRunner(ABC):
@@ -59,8 +61,35 @@ class JobRunner(ABC):
         """Whether this runner can take jobs (for /readyz)."""
 
 
-def publish_artifacts(tmp_out: Path, final: Path) -> list[dict]:
-    """Checksum every file of a finished run and move the folder into place in one rename."""
+# Text artifacts that may quote where the job ran (the library records resolved paths).
+TEXT_ARTIFACTS = (".json", ".html", ".yaml", ".yml", ".txt", ".md", ".csv")
+MAX_REWRITTEN_BYTES = 256 << 20
+
+
+def _relative_paths(tmp_out: Path, job_dir: Path) -> None:
+    """Paths of the job's folder in its text artifacts become relative to it (``inputs/x.npz``,
+    an artifact by its name): what a tenant downloads never says where the server keeps it.
+    Only these exact folders are replaced; images and other content are left as they are."""
+    roots = []
+    for folder in (tmp_out, job_dir):
+        roots += sorted({str(folder), str(folder.resolve())}, key=len, reverse=True)
+    for f in tmp_out.rglob("*"):
+        if not f.is_file() or f.suffix.lower() not in TEXT_ARTIFACTS or \
+                f.stat().st_size > MAX_REWRITTEN_BYTES:
+            continue
+        text = f.read_text(encoding="utf-8", errors="surrogateescape")
+        fixed = text
+        for root in roots:
+            fixed = fixed.replace(root + "/", "").replace(root, ".")
+        if fixed != text:
+            f.write_text(fixed, encoding="utf-8", errors="surrogateescape")
+
+
+def publish_artifacts(tmp_out: Path, final: Path, job_dir: Path | None = None) -> list[dict]:
+    """Checksum every file of a finished run and move the folder into place in one rename
+    (with ``job_dir``, its text files first lose the paths of the job's folder)."""
+    if job_dir is not None:
+        _relative_paths(tmp_out, job_dir)
     artifacts = []
     for f in sorted(p for p in tmp_out.rglob("*") if p.is_file()):
         artifacts.append({"name": f.relative_to(tmp_out).as_posix(), "bytes": f.stat().st_size,
@@ -165,7 +194,8 @@ class LocalProcessRunner(JobRunner):
                     self._run(job)
                 except Exception:  # noqa: BLE001
                     log.exception("job %s: runner error", job.id)
-                    self.store.finish(job.id, FAILED, exit_code=1, message="internal error",
+                    self.store.finish(job.id, FAILED, attempt=job.attempts,
+                                      exit_code=1, message="internal error",
                                       error={"type": "InternalError",
                                              "message": "the runner failed; see the log"})
                 continue
@@ -178,7 +208,7 @@ class LocalProcessRunner(JobRunner):
             if job_id in self._cancel:
                 return True
         now = time.monotonic()
-        if now - last_check[0] > 1.0:  # another API instance may have flagged it
+        if now - last_check[0] > CANCEL_CHECK_S:  # another API instance may have flagged it
             last_check[0] = now
             return self.store.cancel_requested(job_id)
         return False
@@ -193,68 +223,30 @@ class LocalProcessRunner(JobRunner):
         proc.start()
         send.close()
         self.store.update_running(job.id, pid=proc.pid, message="running")
-        outcome, reason = self._supervise(job, proc, recv)
-        recv.close()
+        last_check = [time.monotonic()]
+
+        def stop_reason() -> str | None:
+            if self._stopping.is_set():
+                return "stopped"
+            return "cancelled" if self._cancel_wanted(job.id, last_check) else None
+
+        try:
+            outcome, reason = supervise(proc, recv, self.store, job.id,
+                                        job_limits(self.settings), stop_reason)
+        finally:
+            recv.close()
         with self._cond:
             self._cancel.discard(job.id)
-        self._conclude(job, outcome, reason, tmp_out, job_dir, log_path, proc.exitcode)
+        conclude_job(self.store, self.settings, job, outcome, reason, tmp_out, job_dir,
+                     log_path, proc.exitcode)
 
-    def _supervise(self, job: Job, proc, recv) -> tuple[str, dict | None]:
-        """Relay progress until the child ends; kill it on cancel, stop or timeout."""
-        last_write, last_check = 0.0, [time.monotonic()]
-        pending = None
-        started = time.monotonic()
-        outcome, payload = "no_result", None
-        while True:
-            try:
-                if recv.poll(0.2):
-                    msg = recv.recv()
-                    if msg[0] == "progress":
-                        pending = msg
-                    else:
-                        outcome, payload = msg[0], msg[1]
-            except (EOFError, OSError):  # the child closed its end (finished or died)
-                proc.join(30)
-                if proc.is_alive():  # stuck in interpreter shutdown: its result is in already
-                    self._kill(proc)
-                break
-            now = time.monotonic()
-            if pending and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
-                _, stage, fraction, message = pending
-                self.store.update_running(job.id, stage=stage, progress=round(fraction, 4),
-                                          message=message[:500] or stage)
-                pending, last_write = None, now
-            elif now - last_write >= HEARTBEAT_S:
-                self.store.update_running(job.id)
-                last_write = now
-            stop_reason = None
-            if outcome != "no_result":
-                pass  # the final message is in: let the child finish rather than kill it
-            elif self._stopping.is_set():
-                stop_reason = "stopped"
-            elif self._cancel_wanted(job.id, last_check):
-                stop_reason = "cancelled"
-            elif self.settings.job_timeout_s and now - started > self.settings.job_timeout_s:
-                stop_reason = "timeout"
-            if stop_reason:
-                self._kill(proc)
-                return stop_reason, None
-            if not proc.is_alive() and not recv.poll(0):
-                proc.join()
-                break
-        return outcome, payload
 
-    def _kill(self, proc) -> None:
-        proc.terminate()
-        proc.join(self.settings.cancel_grace_s)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-    def _conclude(self, job: Job, outcome: str, payload: dict | None, tmp_out: Path,
-                  job_dir: Path, log_path: Path, exitcode: int | None) -> None:
-        conclude_job(self.store, self.settings, job, outcome, payload, tmp_out, job_dir,
-                     log_path, exitcode)
+def job_limits(settings: Settings) -> Limits:
+    """The time and memory limits of one job process, from the settings."""
+    return Limits(timeout_s=settings.job_timeout_s or None,
+                  memory_bytes=settings.job_memory_mb * MIB if settings.job_memory_mb else None,
+                  cancel_grace_s=settings.cancel_grace_s,
+                  heartbeat_s=min(HEARTBEAT_S, settings.stale_after_s / 3))
 
 
 def job_spec(settings: Settings, job: Job) -> tuple[JobSpec, Path, Path, Path]:
@@ -275,36 +267,58 @@ def conclude_job(store: JobStore, settings: Settings, job: Job, outcome: str,
                  payload: dict | None, tmp_out: Path, job_dir: Path, log_path: Path,
                  exitcode: int | None) -> None:
     """Publish the artifacts and record the job's final state (any runner's last step)."""
+    # Only this attempt's state is written: another instance may have taken the job back.
+    finish = partial(store.finish, job.id, attempt=job.attempts)
     if outcome == "result":
-        artifacts = publish_artifacts(tmp_out, job_dir / ARTIFACTS)
+        try:
+            artifacts = publish_artifacts(tmp_out, job_dir / ARTIFACTS, job_dir)
+        except OSError as e:  # a full disk, most often: the job fails, the service goes on
+            shutil.rmtree(tmp_out, ignore_errors=True)
+            msg = f"storing the job's artifacts failed: {e.strerror or type(e).__name__}"
+            finish(FAILED, exit_code=1, message=msg,
+                   error={"type": "StorageError", "message": msg})
+            append_log(log_path, f"failed: {msg}")
+            return
         state = SUCCEEDED if payload["gate_passed"] else GATE_FAILED
         message = "done" if payload["gate_passed"] else "quality gate failed: " + "; ".join(
             payload["gate_failures"])
-        store.finish(job.id, state, exit_code=payload["exit_code"],
-                 gate_passed=payload["gate_passed"], artifacts=artifacts,
-                 progress=1.0, stage="done", message=message[:1000])
+        finish(state, exit_code=payload["exit_code"],
+               gate_passed=payload["gate_passed"], artifacts=artifacts,
+               progress=1.0, stage="done", message=redact_error(message[:1000], job_dir))
         append_log(log_path, f"finished: {state}; {len(artifacts)} artifacts checksummed")
         return
     shutil.rmtree(tmp_out, ignore_errors=True)
-    if outcome == "stopped":
-        store.requeue(job.id, "requeued: the service stopped while it ran")
+    if outcome == LOST:  # another instance requeued it (no heartbeat): it owns the job now
+        append_log(log_path, "this attempt lost the job (requeued elsewhere); process killed")
+    elif outcome == "stopped":
+        store.requeue(job.id, "requeued: the service stopped while it ran",
+                      attempt=job.attempts)
         append_log(log_path, "service stopping: job killed and requeued")
     elif outcome == "cancelled":
-        store.finish(job.id, CANCELLED, message="cancelled while running", exit_code=1)
+        finish(CANCELLED, message="cancelled while running", exit_code=1)
         append_log(log_path, "cancelled: worker process killed")
     elif outcome == "timeout":
         msg = f"the job ran longer than job_timeout_s={settings.job_timeout_s:g}"
-        store.finish(job.id, FAILED, exit_code=1, message=msg,
-                 error={"type": "TimeoutError", "message": msg})
+        finish(FAILED, exit_code=1, message=msg,
+               error={"type": "TimeoutError", "message": msg})
+        append_log(log_path, f"failed: {msg}")
+    elif outcome == MEMORY:
+        msg = (f"the job ran out of its memory limit of {settings.job_memory_mb} MiB "
+               "(job_memory_mb); use a smaller model or data set, or ask the operator to raise "
+               "the limit")
+        finish(FAILED, exit_code=1, message=msg,
+               error={"type": "MemoryLimitExceeded", "message": msg})
         append_log(log_path, f"failed: {msg}")
     elif outcome == "error":
-        store.finish(job.id, FAILED, exit_code=payload.get("exit_code", 1),
-                 error=payload, message=payload.get("message", "")[:1000])
+        # Library messages quote the files they touched: no server path reaches the tenant.
+        error = redact_error(payload, job_dir)
+        finish(FAILED, exit_code=payload.get("exit_code", 1),
+               error=error, message=error.get("message", "")[:1000])
         append_log(log_path, f"failed: {payload.get('type')}")
     else:
         msg = _describe_exit(exitcode)
-        store.finish(job.id, FAILED, exit_code=1, message=msg,
-                 error={"type": "WorkerCrashed", "message": msg})
+        finish(FAILED, exit_code=1, message=msg,
+               error={"type": "WorkerCrashed", "message": msg})
         append_log(log_path, f"failed: {msg}")
 
 

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 JobState = Literal["queued", "running", "succeeded", "gate_failed", "failed", "cancelled"]
+# The ?state= filter of GET /v1/jobs: a state, or empty for all.
+JobStateFilter = Literal["", "queued", "running", "succeeded", "gate_failed", "failed",
+                         "cancelled"]
 
 
 class ErrorItem(BaseModel):

@@ -53,12 +53,23 @@ class Settings(BaseSettings):
     recipes_dir: Path = Field(BUNDLED_RECIPES, description="bundled recipes offered by name")
     instance: str = Field(default_factory=socket.gethostname,
                           description="name of this service instance (owner of running jobs)")
-    job_timeout_s: float | None = Field(None, gt=0, description="kill jobs running longer")
+    job_timeout_s: float = Field(
+        7200.0, ge=0, description="kill and fail a job running longer than this (0: no limit)")
+    job_memory_mb: int = Field(
+        16384, ge=0, description="kill and fail a job whose processes hold more resident memory "
+                                 "than this, in MiB (0: no limit); the preloaded library takes "
+                                 "about 500 MiB of it")
     cancel_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")
     poll_interval_s: float = Field(1.0, gt=0, description="idle workers look for jobs this often")
     stale_after_s: float = Field(
-        300.0, gt=0, description="at start-up, requeue other instances' running jobs whose "
-                                 "heartbeat is older than this (their service died)")
+        300.0, gt=0, description="a running job whose heartbeat is older than this is requeued "
+                                 "(its instance died), whichever instance ran it; heartbeats come "
+                                 "every 10 s, or every third of this if that is shorter")
+    stale_check_interval_s: float = Field(
+        30.0, gt=0, description="every instance looks for such stale jobs this often")
+    job_max_attempts: int = Field(
+        3, ge=1, description="a stale job runs again until it has started this many times; "
+                             "then it fails with the reason")
 
     runner: Literal["local", "ray"] = Field(
         "local", description="where jobs run: child processes of this instance, or a Ray cluster")

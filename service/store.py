@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -73,6 +74,22 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+def _no_nul(value: Any) -> Any:
+    # PostgreSQL text and JSON cannot hold NUL characters; SQLite can. Dropping them keeps both
+    # databases answering the same (a recipe name or a library message may carry one).
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
+
+
+def _attempt_is(attempt: int | None):
+    return true() if attempt is None else Job.attempts == attempt
+
+
 def _aware(t: datetime | None) -> datetime | None:
     # SQLite hands datetimes back without a zone; every stored time is UTC.
     if t is not None and t.tzinfo is None:
@@ -114,8 +131,9 @@ class JobStore:
 
     def create(self, tenant: str, *, name: str, recipe_yaml: str, inputs: dict[str, str],
                job_id: str | None = None) -> Job:
-        job = Job(id=job_id or uuid.uuid4().hex, tenant=tenant, name=name[:200], state=QUEUED,
-                  recipe_yaml=recipe_yaml, inputs=inputs, stage="", progress=0.0,
+        job = Job(id=job_id or uuid.uuid4().hex, tenant=tenant, name=_no_nul(name)[:200],
+                  state=QUEUED, recipe_yaml=_no_nul(recipe_yaml), inputs=_no_nul(inputs),
+                  stage="", progress=0.0,
                   message="queued", artifacts=[], attempts=0, cancel_requested=False,
                   created_at=utcnow(), updated_at=utcnow())
         with self.session.begin() as s:
@@ -123,6 +141,8 @@ class JobStore:
         return job
 
     def get(self, tenant: str, job_id: str) -> Job | None:
+        if "\x00" in job_id:  # no stored id has one, and PostgreSQL refuses to compare it
+            return None
         with self.session() as s:
             job = s.get(Job, job_id)
             return job if job is not None and job.tenant == tenant else None
@@ -191,44 +211,69 @@ class JobStore:
         False when it is no longer running."""
         with self.session.begin() as s:
             res = s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
-                **values, updated_at=utcnow()))
+                **_no_nul(values), updated_at=utcnow()))
             return bool(res.rowcount)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.session() as s:
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
-    def finish(self, job_id: str, state: str, **values: Any) -> bool:
+    def finish(self, job_id: str, state: str, *, attempt: int | None = None,
+               **values: Any) -> bool:
+        """End a running job; with ``attempt``, only if that attempt still runs it (a runner
+        that lost the job to another instance must not end the new attempt)."""
         now = utcnow()
         with self.session.begin() as s:
-            res = s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
-                state=state, finished_at=now, updated_at=now, pid=None, **values))
+            res = s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING,
+                                              _attempt_is(attempt)).values(
+                state=state, finished_at=now, updated_at=now, pid=None, **_no_nul(values)))
             return bool(res.rowcount)
 
-    def requeue(self, job_id: str, message: str) -> bool:
+    def requeue(self, job_id: str, message: str, *, attempt: int | None = None) -> bool:
         with self.session.begin() as s:
-            res = s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
-                state=QUEUED, stage="", progress=0.0, pid=None, instance=None, message=message,
-                updated_at=utcnow()))
+            res = s.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING,
+                                              _attempt_is(attempt)).values(
+                state=QUEUED, stage="", progress=0.0, pid=None, instance=None,
+                message=_no_nul(message), updated_at=utcnow()))
             return bool(res.rowcount)
 
-    def requeue_interrupted(self, instance: str, stale_after_s: float) -> list[str]:
-        """Jobs left running by a stopped service go back to the queue (at start-up): this
-        instance's, and any other instance's whose runner has not reported (heartbeat) for
-        ``stale_after_s``. A job whose cancellation was asked for is cancelled instead.
-        """
+    def requeue_interrupted(self, instance: str, stale_after_s: float,
+                            max_attempts: int | None = None) -> list[str]:
+        """At start-up: jobs this instance left running go back to the queue, as do any
+        instance's stale ones (see ``requeue_stale``)."""
+        return self._recover((Job.instance == instance) | self._stale(stale_after_s),
+                             "the service restarted while it ran", max_attempts)
+
+    def requeue_stale(self, stale_after_s: float, max_attempts: int | None = None) -> list[str]:
+        """Running jobs whose heartbeat (``updated_at``) is older than ``stale_after_s`` lost
+        their runner (its service instance died, whatever its name): back to the queue, or
+        failed once they have started ``max_attempts`` times; cancelled if that was asked."""
+        return self._recover(self._stale(stale_after_s),
+                             f"no heartbeat for {stale_after_s:g} s (its service instance "
+                             "stopped)", max_attempts)
+
+    @staticmethod
+    def _stale(stale_after_s: float):
+        return Job.updated_at < utcnow() - timedelta(seconds=stale_after_s)
+
+    def _recover(self, orphaned, why: str, max_attempts: int | None) -> list[str]:
         now = utcnow()
-        orphaned = (Job.state == RUNNING) & (
-            (Job.instance == instance) | (Job.updated_at < now - timedelta(seconds=stale_after_s)))
+        orphaned = (Job.state == RUNNING) & orphaned
         with self.session.begin() as s:
             s.execute(update(Job).where(orphaned, Job.cancel_requested.is_(True)).values(
                 state=CANCELLED, finished_at=now, updated_at=now, pid=None,
-                message="cancelled (the service stopped while it ran)"))
+                message=f"cancelled ({why})"))
+            if max_attempts is not None:
+                msg = (f"failed: {why}, and it has started {max_attempts} times "
+                       f"(job_max_attempts={max_attempts})")
+                s.execute(update(Job).where(orphaned, Job.attempts >= max_attempts).values(
+                    state=FAILED, finished_at=now, updated_at=now, pid=None, exit_code=1,
+                    message=msg, error={"type": "WorkerLost", "message": msg}))
             ids = list(s.scalars(select(Job.id).where(orphaned)))
             if ids:
-                s.execute(update(Job).where(Job.id.in_(ids)).values(
+                s.execute(update(Job).where(Job.id.in_(ids), orphaned).values(
                     state=QUEUED, stage="", progress=0.0, pid=None, instance=None,
-                    message="requeued: the service restarted while it ran", updated_at=now))
+                    message=f"requeued: {why}", updated_at=now))
         return ids
 
 

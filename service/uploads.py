@@ -20,14 +20,21 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from compress.errors import DataError, ModelLoadError
+from compress.recipe import MAX_RECIPE_BYTES
 
 from .archives import ARCHIVE_SUFFIXES, ArchiveLimits, archive_root, extract_archive, is_archive
 
 FILE_FIELDS = ("recipe", "model", "calib", "eval")
 MAX_TEXT_FIELD_BYTES = 1 << 20
-MAX_RECIPE_BYTES = 1 << 20
 DATA_SUFFIXES = (".npz", ".npy", ".txt", ".jsonl")
 CHECKPOINT_SUFFIXES = (".safetensors", ".onnx", ".pt", ".pth")
+MIB = 1 << 20
+
+
+def mib(n: int) -> str:
+    """A byte count in MiB, the unit the size settings use: 20971520 -> '20 MiB'."""
+    value = n / MIB
+    return f"{value:.0f} MiB" if value >= 10 or value == int(value) else f"{value:.1f} MiB"
 
 
 class UploadError(Exception):
@@ -130,7 +137,7 @@ class _FormReceiver:
         self._data += data[start:end]
         if len(self._data) > MAX_TEXT_FIELD_BYTES:
             raise UploadError(413, f"field {self._name!r} is larger than "
-                                   f"{MAX_TEXT_FIELD_BYTES // 1024} KB", self._name)
+                                   f"{mib(MAX_TEXT_FIELD_BYTES)}", self._name)
 
     def on_part_end(self) -> None:
         if self._file is not None:
@@ -155,8 +162,8 @@ async def receive_form(request: Request, dest: Path, max_bytes: int) -> Form:
                                "recipe_name, model, calib, eval, set)")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise UploadError(413, f"upload of {int(declared) / 1e6:.0f} MB is over the limit of "
-                               f"{max_bytes / 1e6:.0f} MB")
+        raise UploadError(413, f"upload of {mib(int(declared))} is over the limit of "
+                               f"{mib(max_bytes)} (max_upload_mb)")
     dest.mkdir(parents=True)
     receiver = _FormReceiver(dest)
     callbacks = {name: getattr(receiver, name) for name in (
@@ -168,7 +175,8 @@ async def receive_form(request: Request, dest: Path, max_bytes: int) -> Form:
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
-                raise UploadError(413, f"upload is over the limit of {max_bytes / 1e6:.0f} MB")
+                raise UploadError(413, f"upload is over the limit of {mib(max_bytes)} "
+                                       "(max_upload_mb)")
             parser.write(chunk)
         parser.finalize()
         if not receiver.complete:
@@ -210,6 +218,9 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except ValueError:
             raise ModelLoadError("model: not a safetensors file (header is not JSON)") from None
+        except RecursionError:
+            raise ModelLoadError("model: not a safetensors file (header is JSON nested too "
+                                 "deeply)") from None
     if not isinstance(header, dict):
         raise ModelLoadError("model: not a safetensors file (header is not a JSON object)")
 

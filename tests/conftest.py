@@ -11,6 +11,7 @@ import torch
 
 from tests.helpers import make_tiny_vit
 
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -23,7 +24,8 @@ def tiny_vit_files(tmp_path_factory) -> dict[str, Path]:
 
     d = tmp_path_factory.mktemp("tiny_vit")
     model = make_tiny_vit()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(d / "model.safetensors"))
     torch.save(model.state_dict(), d / "model.pt")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((48, 3, 32, 32)).astype(np.float32)

@@ -14,9 +14,15 @@ from tests.helpers import tiny_vit_recipe, write_recipe
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
+def _refuse_constant(constant):
+    raise ValueError(f"report.json holds bare {constant}, which strict JSON parsers refuse")
+
+
 def test_report_files_and_schema(tmp_path, tiny_vit_files):
-    result = compress(parse_recipe(tiny_vit_recipe(tiny_vit_files)), out_dir=tmp_path)
-    r = json.loads(result.report_path.read_text())
+    script = "<script>alert(1)</script>"
+    recipe = tiny_vit_recipe(tiny_vit_files, name=f"tiny {script}", description=f"d {script}")
+    result = compress(parse_recipe(recipe), out_dir=tmp_path)
+    r = json.loads(result.report_path.read_text(), parse_constant=_refuse_constant)
     assert r["schema_version"] == 1
     for key in ("recipe", "model", "data", "passes", "layers", "metrics", "gate", "size",
                 "latency", "export", "stages", "environment"):
@@ -29,6 +35,25 @@ def test_report_files_and_schema(tmp_path, tiny_vit_files):
     html = result.html_path.read_text()
     assert "Per-layer" in html and "data:image/png;base64," in html
     assert r["environment"]["versions"]["onnxruntime"]
+    # The recipe's name and description are the tenant's text: escaped, never markup.
+    assert "<script" not in html
+    assert "<h1>Compression report: tiny &lt;script&gt;alert(1)&lt;/script&gt;</h1>" in html
+    assert "<p>d &lt;script&gt;alert(1)&lt;/script&gt;</p>" in html
+
+
+def test_non_finite_outputs_are_bad_input():
+    import numpy as np
+
+    from compress.api import check_outputs_finite
+    from compress.errors import NonFiniteError
+
+    out = np.zeros((5, 10), np.float32)
+    check_outputs_finite(out, "evaluation data 'eval.npz'")
+    out[3, 1], out[4, 0] = np.nan, -np.inf
+    with pytest.raises(NonFiniteError, match=r"outputs on evaluation data 'eval.npz' hold NaN or "
+                                             r"Inf for 2 of 5 samples \(first: sample 3\)") as e:
+        check_outputs_finite(out, "evaluation data 'eval.npz'")
+    assert e.value.exit_code == 2
 
 
 def test_gate_failure_exits_3_and_still_writes_report(tmp_path, tiny_vit_files):
@@ -110,3 +135,42 @@ def test_external_data_export(tmp_path, tiny_vit_files):
     assert (tmp_path / "model.onnx").stat().st_size < 200_000  # weights live in the side file
     assert r["size"]["compressed_bytes"] > (tmp_path / "model.onnx").stat().st_size
     assert r["export"]["parity"][0]["cosine"] > 0.999
+
+
+def test_report_names_given_files_without_their_folder(tmp_path, tiny_vit_files):
+    # The service passes uploads as model/calib/eval; the report must not show its data folder.
+    recipe = parse_recipe(tiny_vit_recipe(tiny_vit_files, passes=[],
+                                          evaluation={"latency": {"enabled": False}}))
+    result = compress(recipe, model=str(tiny_vit_files["pt"]), calib=str(tiny_vit_files["calib"]),
+                      eval=str(tiny_vit_files["eval"]), out_dir=tmp_path / "out")
+    folder = str(tiny_vit_files["dir"])
+    for f in ("report.json", "report.html", "recipe.yaml"):
+        assert folder not in (tmp_path / "out" / f).read_text(), f
+    r = result.report
+    assert r["model"]["path"] == "model.pt" and r["recipe"]["model"]["weights"] == "model.pt"
+    assert r["recipe"]["calibration"]["path"] == "calib.npz"
+    assert r["data"]["evaluation"]["path"] == "eval.npz"
+    assert r["data"]["calibration"]["path"] == "calib.npz"
+
+
+def test_original_param_count_of_an_onnx_model_counts_float_initializers(tmp_path):
+    """ONNX models have no torch parameters: the report counts the elements of the original
+    file's floating-point initializers (an int64 shape constant is not a parameter)."""
+    from types import SimpleNamespace
+
+    import numpy
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.api import _original_param_count
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(numpy.ones((4, 3), numpy.float32), "w"),
+         numpy_helper.from_array(numpy.array([1, 4], numpy.int64), "shape")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    handle = SimpleNamespace(module=None, onnx_path=tmp_path / "m.onnx")
+    assert _original_param_count(handle) == 12

@@ -31,7 +31,8 @@ def test_subset_is_deterministic_and_sorted():
 
 
 def test_npz_subset_and_labels(vit_handle, tiny_vit_files):
-    ds = load_dataset(DataSpec(num_samples=5, seed=1), tiny_vit_files["eval"], vit_handle, "evaluation")
+    ds = load_dataset(DataSpec(num_samples=5, seed=1), tiny_vit_files["eval"], vit_handle,
+                      "evaluation")
     assert len(ds) == 5 and ds.labels.dtype == torch.int64
     assert ds.available == 16
     assert ds.inputs["pixel_values"].shape == (5, 3, 32, 32)
@@ -72,7 +73,8 @@ def test_text_batches_trim_padding(tmp_path, bert_handle):
 
 def test_jsonl_field_and_errors(tmp_path, bert_handle):
     (tmp_path / "s.jsonl").write_text(json.dumps({"sentence": "hello there"}) + "\n")
-    ds = load_dataset(DataSpec(text_field="sentence"), tmp_path / "s.jsonl", bert_handle, "calibration")
+    ds = load_dataset(DataSpec(text_field="sentence"), tmp_path / "s.jsonl", bert_handle,
+                      "calibration")
     assert ds.texts == ["hello there"]
     with pytest.raises(DataError, match="line 1: expected an object with a string field 'text'"):
         load_dataset(DataSpec(), tmp_path / "s.jsonl", bert_handle, "calibration")
@@ -96,3 +98,61 @@ def test_unknown_extension(tmp_path, vit_handle):
     (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(DataError, match="cannot tell the format"):
         load_dataset(DataSpec(), tmp_path / "x.csv", vit_handle, "calibration")
+
+
+# --------------------------------------------------------------------------- bad data files
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("calib.npz", b"", "is empty (0 bytes); expected an .npz file written by numpy.savez"),
+    ("calib.npy", b"", "is empty (0 bytes); expected an .npy file written by numpy.save"),
+    ("calib.npz", b"PK\x03\x04 not really a zip", "cannot read as npz without pickle"),
+    ("calib.npz", _npz_bytes(x=np.zeros((4, 3, 32, 32), np.float32))[:300],
+     "cannot read as npz without pickle"),
+    ("calib.npy", b"\x93NUMPY\x01\x00garbage", "cannot read as npy without pickle"),
+])
+def test_unreadable_array_files_are_data_errors_naming_the_file(tmp_path, vit_handle, name,
+                                                                content, expected):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_dataset(DataSpec(), tmp_path / name, vit_handle, "calibration")
+    msg = str(e.value)
+    assert msg.startswith(f"calibration.path {name!r}") and expected in msg
+    assert str(tmp_path) not in msg
+    assert e.value.exit_code == 2
+
+
+def test_single_array_saved_as_npz_is_a_data_error(tmp_path, vit_handle):
+    np.save(tmp_path / "calib.npy", np.zeros((4, 3, 32, 32), np.float32))
+    (tmp_path / "calib.npy").rename(tmp_path / "calib.npz")
+    with pytest.raises(DataError, match=r"single array \(.npy\), not a zip"):
+        load_dataset(DataSpec(), tmp_path / "calib.npz", vit_handle, "calibration")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])
+def test_non_finite_inputs_are_data_errors(tmp_path, vit_handle, bad):
+    x = np.zeros((6, 3, 32, 32), np.float64)
+    x[4, 0, 1, 2] = bad
+    np.savez(tmp_path / "calib.npz", x=x)
+    with pytest.raises(DataError, match=r"'calib.npz': array 'x' holds NaN or Inf .* in 1 of 6 "
+                                        r"samples used, first at index 4"):
+        load_dataset(DataSpec(), tmp_path / "calib.npz", vit_handle, "calibration")
+
+
+def test_complex_inputs_are_refused(tmp_path, vit_handle):
+    np.savez(tmp_path / "calib.npz", x=np.zeros((2, 3, 32, 32), np.complex64))
+    with pytest.raises(DataError, match="dtype complex64, expected real numbers"):
+        load_dataset(DataSpec(), tmp_path / "calib.npz", vit_handle, "calibration")
+
+
+def test_missing_data_file_names_only_the_file(tmp_path, vit_handle):
+    with pytest.raises(DataError, match="'gone.npz' does not exist") as e:
+        load_dataset(DataSpec(), tmp_path / "gone.npz", vit_handle, "calibration")
+    assert str(tmp_path) not in str(e.value)

@@ -76,6 +76,23 @@ def test_dmd_loss_decreases_on_a_tiny_model():
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
+def test_distillation_trains_models_that_cache_tensors_in_eval_mode():
+    """timm LeViT caches its attention biases (trainable) in eval mode; distillation must not
+    backpropagate through a previous step's cached graph (it raised 'backward through the graph
+    a second time' on the zoo's levit_128s)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    teacher = timm.create_model("levit_128s", pretrained=False, num_classes=4, img_size=64).eval()
+    student = copy.deepcopy(teacher)
+    before = student.stages[0].blocks[0].attn.attention_biases.detach().clone()
+    settings = DistillSettings(method="output", steps=3, lr=1e-2, batch_size=2, log_every=1)
+    res = distill(student, teacher, {"pixel_values": torch.randn(4, 3, 64, 64)}, None, _forward,
+                  "image-classification", settings, torch.device("cpu"))
+    assert res.steps == 3
+    after = student.stages[0].blocks[0].attn.attention_biases.detach()
+    assert not torch.equal(before, after)  # the cached parameter was trained, not frozen
+
+
 def test_max_seconds_stops_training_early():
     teacher, student = _binarized_tiny_vit()
     settings = DistillSettings(method="output", steps=10_000, batch_size=4, max_seconds=0.5)

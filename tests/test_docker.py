@@ -115,7 +115,7 @@ def test_dockerfile_matches_the_project(name):
         port = main.get_command(click.Context(main), "serve").params
         default = next(p.default for p in port if p.name == "port")
         assert cmd[cmd.index("--port") + 1] == str(default) and default in exposed
-        assert dict(zip(names, names))["COMPRESS_SERVICE_DATA_DIR"]
+        assert dict(zip(names, names, strict=False))["COMPRESS_SERVICE_DATA_DIR"]
     else:
         assert cmd[:2] == ["ray", "start"]
 

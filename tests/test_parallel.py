@@ -37,7 +37,9 @@ def test_serial_when_nothing_is_configured(monkeypatch):
     assert {pid for _, pid in out} == {os.getpid()}
     w = torch.randn(8, 3)
     items = [torch.randn(4, 8) for _ in range(3)]
-    assert all(torch.equal(a, x @ w) for a, x in zip(map_tasks(_project, items, shared=w), items))
+    outputs = map_tasks(_project, items, shared=w)
+    assert len(outputs) == len(items)
+    assert all(torch.equal(a, x @ w) for a, x in zip(outputs, items, strict=True))
     with pytest.raises(ValueError, match="item 3 is bad"):
         map_tasks(_fail_on_three, range(5))
     assert map_tasks(_square_slowly, []) == []

@@ -170,3 +170,59 @@ def test_block_size_must_be_a_power_of_two(extra):
     (path, msg), = _errors({**BASE, "passes": [{**extra, "block_size": 24}]})
     assert path == "passes.0.block_size"
     assert "power of two" in msg
+
+
+def _override_errors(*overrides) -> list[tuple[str, str]]:
+    with pytest.raises(RecipeError) as exc:
+        parse_recipe(yaml.safe_load(yaml.safe_dump(BASE)), overrides=list(overrides))
+    return exc.value.errors
+
+
+def test_checkpoint_path_kwarg_is_refused_in_yaml_and_in_set():
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["model"]["kwargs"] = {"checkpoint_path": "/srv/compress/data/jobs/other/model.pt"}
+    for errors in (_errors(data), _override_errors("model.kwargs.checkpoint_path=/etc/passwd")):
+        [(path, msg)] = errors
+        assert path == "model.kwargs.checkpoint_path"
+        assert msg.startswith("not allowed in model.kwargs")
+        assert "Allowed: num_classes, img_size" in msg
+
+
+@pytest.mark.parametrize("override,path", [
+    ("export.verify_batch_sizes=[1.0e+9]", "export.verify_batch_sizes.0"),
+    ("evaluation.latency.batch_sizes=[1.0e+9]", "evaluation.latency.batch_sizes.0"),
+    ("model.preprocess.input_size=[1, 100000, 100000]", "model.preprocess.input_size.1"),
+    ("model.kwargs.img_size=1000000", "model.kwargs.img_size"),
+    ("model.kwargs.img_size=[224, 100000]", "model.kwargs.img_size.1"),
+    ("evaluation.latency.batch_sizes=[-1]", "evaluation.latency.batch_sizes.0"),
+    ("calibration.batch_size=100000", "calibration.batch_size"),
+    ("calibration.num_samples=10000000", "calibration.num_samples"),
+    ("evaluation.seed=-1", "evaluation.seed"),
+    ("evaluation.max_length=100000", "evaluation.max_length"),
+    ("passes.0.sqnr_samples=1000000000", "passes.0.sqnr_samples"),
+])
+def test_every_size_is_bounded_with_its_field_named(override, path):
+    errors = _override_errors(override)
+    assert path == errors[0][0], errors
+    assert all("less than or equal" in m or "greater than or equal" in m for _, m in errors)
+
+
+@pytest.mark.parametrize("entry,path", [
+    ({"type": "tome", "r": 1_000_000}, "passes.0.r"),
+    ({"type": "tome", "r": [4, -1]}, "passes.0.r.1"),
+    ({"type": "evit", "locations": [1_000_000]}, "passes.0.locations.0"),
+    ({"type": "evit", "plot_images": 1_000_000}, "passes.0.plot_images"),
+    ({"type": "expedit", "clusters": [100_000, 8]}, "passes.0.clusters.0"),
+    ({"type": "expedit", "clusters": [8, 8], "top_k": 1_000_000}, "passes.0.top_k"),
+    ({"type": "ia_red", "batch_size": 100_000}, "passes.0.batch_size"),
+    ({"type": "weight_only", "calibration_samples": 10**9}, "passes.0.calibration_samples"),
+])
+def test_pass_sizes_are_bounded(entry, path):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["passes"] = [entry]
+    assert path in [p for p, _ in _errors(data)]
+
+
+def test_timm_hub_name_is_refused():
+    [(path, msg)] = _override_errors("model.name=hf-hub:timm/vit_base_patch16_224")
+    assert path == "model.name" and "hub or folder prefixes" in msg

@@ -72,10 +72,27 @@ def embedding_fidelity(ref: np.ndarray, out: np.ndarray, k: int = 10) -> dict[st
 
 
 def output_agreement(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    """Raw output agreement (used for export parity): cosine over the flattened batch, max |diff|."""
+    """Raw output agreement (export parity): cosine over the flattened batch, max |diff|."""
     a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-    cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-    return {"cosine": cos, "max_abs_diff": float(np.abs(a - b).max())}
+    with np.errstate(invalid="ignore"):  # Inf outputs give a NaN cosine, which parity refuses
+        cos = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        return {"cosine": cos, "max_abs_diff": float(np.abs(a - b).max())}
+
+
+def parity_problem(ref: np.ndarray, out: np.ndarray, min_cosine: float) -> str | None:
+    """Why ``out`` (ONNX Runtime) does not match ``ref`` (torch), or None when it does.
+
+    NaN or Inf on either side is a failure: the cosine comparison alone would let NaN through,
+    since every comparison with NaN is False.
+    """
+    bad_ref, bad_out = int((~np.isfinite(ref)).sum()), int((~np.isfinite(out)).sum())
+    if bad_ref or bad_out:
+        return (f"outputs hold NaN or Inf (torch {bad_ref}, ONNX Runtime {bad_out} of "
+                f"{out.size} values)")
+    cos = output_agreement(ref, out)["cosine"]
+    if not cos >= min_cosine:
+        return f"cosine {cos:.4f} < export.parity_min_cosine {min_cosine}"
+    return None
 
 
 def task_metrics(task: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None,

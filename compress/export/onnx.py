@@ -33,40 +33,40 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+EXPORTERS = ("dynamo", "torchscript")
+
+
 def export_onnx(handle: ModelHandle, path: Path, *, opset: int = 21,
-                external_data: str = "auto", slim: bool = True) -> Path:
+                external_data: str = "auto", slim: bool = True,
+                exporters: tuple[str, ...] = EXPORTERS) -> Path:
     """Export ``handle.module`` (eval mode, CPU) to ``path``; returns the path. ``slim``: drop
-    what ORT never reads (``slim_proto``); off, only the exporter's stack traces are removed."""
+    what ORT never reads (``slim_proto``); off, only the exporter's stack traces are removed.
+
+    Tries ``exporters`` in order: torch.export (dynamo) first, then the TorchScript tracer
+    (``dynamo=False``) where torch.export cannot capture the model (data-dependent control
+    flow, unsupported ops). Which one produced the file, and why the others failed, is left in
+    ``handle.info["export"]`` for the report."""
     module = handle.module
     module.eval()
-    device = handle.device
-    example = handle.example_inputs(batch_size=2, seq_len=16)
-    args = tuple(example[n].to(device) for n in handle.input_names)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if handle.task == "text-embedding":
-        seq = torch.export.Dim("sequence", min=2, max=handle.max_positions)
-        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    else:
-        dynamic_shapes = ({0: batch},)
     use_external = external_data == "always" or (
         external_data == "auto" and _param_bytes(module) > EXTERNAL_DATA_THRESHOLD)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The exporter prints progress lines to stdout; keep them in the log instead.
-    captured = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset,
-                input_names=list(handle.input_names), output_names=[handle.output_name],
-                dynamic_shapes=dynamic_shapes, external_data=use_external, verbose=False,
-                report=False)
-            program.save(str(path), external_data=use_external)
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types
-        log.debug("exporter output:\n%s", captured.getvalue())
-        raise ExportError(f"ONNX export of {handle.name} failed: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from e
-    log.debug("exporter output:\n%s", captured.getvalue())
+    failures: list[str] = []
+    for exporter in exporters:
+        try:
+            _export_with(exporter, handle, path, opset, use_external)
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            failures.append(f"{exporter}: {type(e).__name__}: {first}")
+            log.info("ONNX export of %s with the %s exporter failed: %s", handle.name, exporter,
+                     failures[-1])
+            continue
+        handle.info.setdefault("export", {})[path.name] = {
+            "exporter": exporter, "failed": failures}
+        break
+    else:
+        raise ExportError(f"ONNX export of {handle.name} failed with every exporter: "
+                          + "; ".join(failures))
     if slim:
         slim_onnx(path)
     else:
@@ -76,6 +76,49 @@ def export_onnx(handle: ModelHandle, path: Path, *, opset: int = 21,
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported {path.name} fails onnx.checker: {str(e)[:500]}") from e
     return path
+
+
+def exporter_used(handle: ModelHandle, path: Path) -> dict | None:
+    """``{"exporter": "dynamo" | "torchscript", "failed": [...]}`` for a file export_onnx wrote."""
+    return handle.info.get("export", {}).get(path.name)
+
+
+def _export_with(exporter: str, handle: ModelHandle, path: Path, opset: int,
+                 use_external: bool) -> None:
+    module = handle.module
+    example = handle.example_inputs(batch_size=2, seq_len=16)
+    args = tuple(example[n].to(handle.device) for n in handle.input_names)
+    text = handle.task == "text-embedding"
+    # The exporter prints progress lines to stdout; keep them in the log instead.
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                if text:
+                    seq = torch.export.Dim("sequence", min=2, max=handle.max_positions)
+                    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+                else:
+                    dynamic_shapes = ({0: batch},)
+                program = torch.onnx.export(
+                    module, args, dynamo=True, opset_version=opset,
+                    input_names=list(handle.input_names), output_names=[handle.output_name],
+                    dynamic_shapes=dynamic_shapes, external_data=use_external, verbose=False,
+                    report=False)
+                program.save(str(path), external_data=use_external)
+            else:
+                axes = {0: "batch", 1: "sequence"} if text else {0: "batch"}
+                dynamic_axes = dict.fromkeys(handle.input_names, axes)
+                dynamic_axes[handle.output_name] = {0: "batch"}
+                # The TorchScript exporter supports opsets up to 20; QDQ and the ops used here
+                # exist there with the same semantics.
+                torch.onnx.export(module, args, str(path), dynamo=False,
+                                  opset_version=min(opset, 20),
+                                  input_names=list(handle.input_names),
+                                  output_names=[handle.output_name], dynamic_axes=dynamic_axes)
+    finally:
+        log.debug("exporter output:\n%s", captured.getvalue())
 
 
 def slim_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -115,7 +158,49 @@ def slim_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     del proto.graph.metadata_props[:]
     proto.graph.metadata_props.extend(keep)
     drop_default_zero_points(proto)
+    pack_block_dequantize_weights(proto)
     return proto
+
+
+def input_use_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs read each tensor name (an initializer read once can be rewritten)."""
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    return uses
+
+
+def pack_block_dequantize_weights(proto: onnx.ModelProto) -> int:
+    """Store the 8-bit containers of blocked ``DequantizeLinear`` weights (``NBitsConv2d``)
+    as UINT4 where every code and zero point fits in 4 bits: half the bytes, same values
+    (ORT reads UINT4 blocked DequantizeLinear since opset 21). Returns how many."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    users = input_use_counts(proto)
+    packed = 0
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or \
+                not any(a.name == "block_size" for a in node.attribute):
+            continue
+        data, zp = inits.get(node.input[0]), inits.get(node.input[2])
+        if data is None or zp is None or data.data_type != onnx.TensorProto.UINT8 or \
+                zp.data_type != onnx.TensorProto.UINT8 or users[data.name] != 1 or \
+                users[zp.name] != 1:
+            continue
+        codes, zeros = numpy_helper.to_array(data), numpy_helper.to_array(zp)
+        if codes.max(initial=0) > 15 or zeros.max(initial=0) > 15:
+            continue
+        for t, values in ((data, codes), (zp, zeros)):
+            flat = values.astype(np.uint8).ravel()
+            if flat.size % 2:
+                flat = np.append(flat, np.uint8(0))
+            raw = (flat[0::2] & 0xF) | (flat[1::2] << 4)   # low nibble first (ONNX int4)
+            t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.UINT4,
+                                               list(values.shape), raw.tobytes(), raw=True))
+        packed += 1
+    return packed
 
 
 def drop_default_zero_points(proto: onnx.ModelProto) -> int:
@@ -125,10 +210,7 @@ def drop_default_zero_points(proto: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in proto.graph.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = input_use_counts(proto)
     dropped = 0
     for node in proto.graph.node:
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or \

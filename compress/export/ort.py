@@ -62,7 +62,8 @@ def make_session(path: Path, threads: int | None = None, optimized_path: Path | 
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def feed_for(session: ort.InferenceSession, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def feed_for(session: ort.InferenceSession,
+             batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Map a batch dict onto the session's inputs (single image input taken by position)."""
     inputs = session.get_inputs()
     if "pixel_values" in batch and len(inputs) == 1:

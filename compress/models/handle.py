@@ -26,8 +26,10 @@ class SentenceEmbedder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
 
-    def token_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def token_embeddings(self, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.token_embeddings(input_ids, attention_mask)
@@ -39,6 +41,18 @@ class SentenceEmbedder(nn.Module):
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
+
+
+class HFImageClassifier(nn.Module):
+    """A transformers image classifier as ``pixel_values -> logits`` (one tensor out, as the
+    exporter and the metrics expect). ``hf_model`` is the wrapped transformers model."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(pixel_values=pixel_values).logits
 
 
 @dataclass

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from ..specs import ModelSpec
-from .handle import ModelHandle, SentenceEmbedder
+from ..errors import ModelLoadError, NonFiniteError, UnsupportedModelError
+from ..specs import MAX_CHANNELS, MAX_IMAGE_SIDE, ModelSpec
+from .handle import HFImageClassifier, ModelHandle, SentenceEmbedder
 
-# HF model types whose encoder we know how to load, patch and export.
-SUPPORTED_HF_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet")
+# HF model types whose encoder we know how to load and export (config.json model_type).
+SUPPORTED_HF_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert",
+                      "electra", "mpnet", "deberta", "deberta-v2", "ernie", "modernbert")
+# HF image classifiers (AutoModelForImageClassification; output: logits).
+SUPPORTED_HF_IMAGE_TYPES = ("vit", "deit", "beit", "swin", "dinov2", "convnext", "resnet")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 MAX_LISTED_KEYS = 12
 
@@ -31,11 +34,38 @@ def load_model(spec: ModelSpec, path: Path | None) -> ModelHandle:
 # --------------------------------------------------------------------------- timm
 
 
+def check_finite(tensors, where: str) -> None:
+    """Raise NonFiniteError naming the first tensors that hold NaN or Inf.
+
+    NaN weights run without an error and give chance accuracy; ``where`` names the file.
+    """
+    bad = []
+    for name, t in tensors:
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
+    if bad:
+        raise NonFiniteError(f"{where}: tensors hold NaN or Inf: {_fmt_keys(bad)}. The "
+                             "checkpoint is damaged or training diverged; export it again from "
+                             "a healthy run")
+
+
+def check_input_size(size: tuple, where: str) -> None:
+    """The same bounds as model.preprocess.input_size, for sizes read from a model's files."""
+    c, h, w = size
+    if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise UnsupportedModelError(
+            f"{where}: input size {list(size)} is out of range; compress takes 1 to "
+            f"{MAX_CHANNELS} channels and sides of 1 to {MAX_IMAGE_SIDE} pixels")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint without unpickling arbitrary objects."""
     if not path.is_file():
-        raise ModelLoadError(f"weights file {str(path)!r} does not exist; pass the .safetensors or "
-                             ".pt file of the trained model (model.weights or --model)")
+        raise ModelLoadError(f"weights file {path.name!r} does not exist; pass the .safetensors "
+                             "or .pt file of the trained model (model.weights or --model)")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"weights file {path.name!r} is empty (0 bytes); pass the "
+                             ".safetensors or .pt file of the trained model")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise ModelLoadError(f"weights file {path.name!r}: expected one of "
@@ -48,7 +78,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is bad input
-        why = str(e).splitlines()[0][:300]
+        text = str(e).replace(str(path), path.name)
+        why = (text.splitlines() or [type(e).__name__])[0][:300]
         hint = (" The file holds Python objects that are not plain tensors; save it with "
                 "torch.save(model.state_dict()) or as .safetensors." if "weights_only" in str(e)
                 or "Unsupported global" in str(e) else "")
@@ -66,7 +97,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _fmt_keys(keys: list[str]) -> str:
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    return shown + (f", ... ({len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
+    if len(keys) <= MAX_LISTED_KEYS:
+        return shown
+    return shown + f", ... ({len(keys) - MAX_LISTED_KEYS} more)"
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -86,7 +119,8 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
             parts.append(f"mis-shaped keys: {_fmt_keys(shaped)}")
         raise ModelLoadError(
             f"{where} do not fit the architecture: " + "; ".join(parts) +
-            ". Check model.name and model.kwargs (e.g. num_classes, img_size) match the training run.")
+            ". Check model.name and model.kwargs (e.g. num_classes, img_size) match the training "
+            "run.")
 
 
 def _load_timm(spec: ModelSpec, weights: Path | None) -> ModelHandle:
@@ -120,6 +154,7 @@ def _load_timm(spec: ModelSpec, weights: Path | None) -> ModelHandle:
             notes.append(f"model.kwargs num_classes=0: ignored the checkpoint's classifier "
                          f"weights ({', '.join(sorted(head))})")
     check_state_dict(model, state, f"weights {weights.name!r}")
+    check_finite(state.items(), f"weights file {weights.name!r}")
     model.load_state_dict(state, strict=True)
     model.eval()
     cfg = timm.data.resolve_data_config(model=model)
@@ -165,64 +200,174 @@ def _load_hf(spec: ModelSpec, folder: Path | None) -> ModelHandle:
     hf_logging.set_verbosity_error()  # the unused-pooler-weights notice is expected here
 
     if folder is None or not folder.is_dir():
-        raise ModelLoadError(f"model.path {str(folder)!r} is not a folder; pass a Hugging Face "
+        raise ModelLoadError(f"model.path {getattr(folder, 'name', None)!r} is not a folder; "
+                             "pass a Hugging Face "
                              "model folder holding config.json, the tokenizer and "
                              "model.safetensors")
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"model folder {str(folder)!r} has no config.json; it is not a "
+        raise ModelLoadError(f"model folder {folder.name!r} has no config.json; it is not a "
                              "Hugging Face model folder")
-    if spec.resolved_task != "text-embedding":
-        raise UnsupportedModelError(f"model.task {spec.resolved_task!r} is not supported for "
-                                    "Hugging Face models; use text-embedding")
+    task = spec.resolved_task
+    if task not in ("text-embedding", "image-classification"):
+        raise UnsupportedModelError(f"model.task {task!r} is not supported for Hugging Face "
+                                    "models; use text-embedding or image-classification")
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON: {e}") from None
+        raise ModelLoadError(f"{folder.name}/config.json: not valid JSON: {e}") from None
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_HF_TYPES:
+    known = SUPPORTED_HF_TYPES if task == "text-embedding" else SUPPORTED_HF_IMAGE_TYPES
+    if model_type not in known:
+        other = SUPPORTED_HF_IMAGE_TYPES if task == "text-embedding" else SUPPORTED_HF_TYPES
+        other_task = "image-classification" if task == "text-embedding" else "text-embedding"
+        hint = f" Set model.task: {other_task} for this model." if model_type in other else ""
         raise UnsupportedModelError(
-            f"model folder {folder.name!r} holds a {model_type!r} model; supported encoder "
-            f"families: {', '.join(SUPPORTED_HF_TYPES)}")
+            f"model folder {folder.name!r} holds a {model_type!r} model; supported for "
+            f"{task}: {', '.join(known)}.{hint}")
     if cfg.get("auto_map"):
         raise UnsupportedModelError(f"model folder {folder.name!r} needs custom code (auto_map in "
                                     "config.json); compress never runs code from model folders")
+    _check_file_references(folder)
     if not list(folder.glob("*.safetensors")):
         raise ModelLoadError(f"model folder {folder.name!r} has no .safetensors weights; pickled "
                              "pytorch_model.bin is refused. Convert it with "
                              "model.save_pretrained(dir, safe_serialization=True)")
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        if task == "image-classification":
+            return _load_hf_image(folder, config, model_type)
+        extra = {"add_pooling_layer": False} if _accepts(AutoModel, config,
+                                                        "add_pooling_layer") else {}
         transformer = AutoModel.from_pretrained(
             str(folder), config=config, local_files_only=True, use_safetensors=True,
-            attn_implementation="eager", trust_remote_code=False, add_pooling_layer=False)
+            attn_implementation="eager", trust_remote_code=False, **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                   trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
+        text = str(e).replace(str(folder), folder.name)
+        why = (text.splitlines() or [type(e).__name__])[0][:300]
         raise ModelLoadError(f"cannot load Hugging Face model from {folder.name!r}: "
-                             f"{str(e).splitlines()[0][:300]}") from None
+                             f"{why}") from None
+    check_finite(transformer.state_dict().items(), f"model folder {folder.name!r}")
     transformer.eval()
     module = SentenceEmbedder(transformer, pooling=spec.pooling, normalize=spec.normalize).eval()
     max_pos = int(getattr(config, "max_position_embeddings", 512))
-    if model_type in ("roberta", "xlm-roberta"):
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
         max_pos -= 2  # RoBERTa offsets positions by the padding index
     return ModelHandle(task="text-embedding", source="hf", name=folder.name, module=module,
                        tokenizer=tokenizer, max_positions=max_pos)
 
 
+# The JSON files transformers reads from a model folder. A key such as ``vocab_file`` or
+# ``tokenizer_file`` in them is opened as given, so an absolute path or '..' would make the
+# server read a file outside the folder.
+HF_JSON_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "preprocessor_config.json", "generation_config.json")
+
+
+def _outside_refs(value, key: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [r for k, v in value.items() for r in _outside_refs(v, str(k))]
+    if isinstance(value, list):
+        return [r for v in value for r in _outside_refs(v, key)]
+    # name_or_path is only a label (often the saving machine's folder), never opened.
+    if isinstance(value, str) and key.endswith(("_file", "_files", "_dir", "_path")) and \
+            key not in ("name_or_path", "_name_or_path"):
+        p = value.replace("\\", "/")
+        if p.startswith(("/", "~")) or ".." in p.split("/") or ":" in p:
+            return [(key, value)]
+    return []
+
+
+def _check_file_references(folder: Path) -> None:
+    for name in HF_JSON_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{folder.name}/{name}: not valid JSON: {e}") from None
+        refs = _outside_refs(data)
+        if refs:
+            shown = ", ".join(f"{k}: {v!r}" for k, v in refs[:5])
+            raise ModelLoadError(
+                f"{folder.name}/{name} names files outside the model folder ({shown}); "
+                "compress reads only the files inside it. Remove these keys or give bare file "
+                "names of files in the folder")
+
+
+def _accepts(auto_cls, config, kwarg: str) -> bool:
+    """Whether the class ``auto_cls`` picks for ``config`` takes ``kwarg`` (DistilBERT,
+    ALBERT's and DeBERTa's base models have no pooling layer to switch off)."""
+    import inspect
+
+    cls = auto_cls._model_mapping.get(type(config), None)
+    return cls is not None and kwarg in inspect.signature(cls.__init__).parameters
+
+
+def _load_hf_image(folder: Path, config, model_type: str) -> ModelHandle:
+    """A Hugging Face image classifier; preprocessing from preprocessor_config.json."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(
+        str(folder), config=config, local_files_only=True, use_safetensors=True,
+        attn_implementation="eager", trust_remote_code=False)
+    check_finite(model.state_dict().items(), f"model folder {folder.name!r}")
+    model.eval()
+    size = getattr(config, "image_size", 224)
+    pre = {}
+    if (folder / "preprocessor_config.json").is_file():
+        try:
+            pre = json.loads((folder / "preprocessor_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{folder.name}/preprocessor_config.json: not valid JSON: "
+                                 f"{e}") from None
+    psize = pre.get("crop_size") or pre.get("size") or size
+    if isinstance(psize, dict):
+        psize = psize.get("height") or psize.get("shortest_edge") or size
+    chans = int(getattr(config, "num_channels", 3))
+    mean = tuple(pre.get("image_mean", (0.5,) * chans))
+    std = tuple(pre.get("image_std", (0.5,) * chans))
+    check_input_size((chans, int(psize), int(psize)),
+                     f"{folder.name}/preprocessor_config.json and config.json")
+    data_config = {"input_size": (chans, int(psize), int(psize)), "mean": mean, "std": std,
+                   "interpolation": "bilinear", "crop_pct": 1.0}
+    return ModelHandle(task="image-classification", source="hf", name=folder.name,
+                       module=HFImageClassifier(model).eval(), data_config=data_config)
+
+
 # --------------------------------------------------------------------------- ONNX
+
+
+def _check_onnx_initializers(proto, path: Path) -> None:
+    """NaN/Inf in the graph's float initializers (those stored in the file itself)."""
+    from onnx import TensorProto, numpy_helper
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    tensors = []
+    for init in proto.graph.initializer:
+        if init.data_type in floats and init.data_location != TensorProto.EXTERNAL:
+            tensors.append((init.name, torch.from_numpy(
+                numpy_helper.to_array(init).astype("float32"))))  # a writable copy
+    check_finite(tensors, f"ONNX file {path.name!r}")
 
 
 def _load_onnx(spec: ModelSpec, path: Path | None) -> ModelHandle:
     import onnx
 
     if path is None or not path.is_file():
-        raise ModelLoadError(f"model.path {str(path)!r} is not a file; pass an .onnx file")
+        raise ModelLoadError(f"model.path {getattr(path, 'name', None)!r} is not a file; pass "
+                             "an .onnx file")
     try:
         onnx.checker.check_model(str(path))
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - onnx raises several unrelated types
-        raise ModelLoadError(f"{path.name}: not a valid ONNX model: "
-                             f"{str(e).splitlines()[0][:300]}") from None
+        text = str(e).replace(str(path), path.name).replace(str(path.parent) + os.sep, "")
+        why = (text.splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{path.name}: not a valid ONNX model ({why[:300]}); expected an "
+                             ".onnx file written by torch.onnx.export or onnx.save") from None
+    _check_onnx_initializers(proto, path)
     inits = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
     task = spec.resolved_task
@@ -233,7 +378,9 @@ def _load_onnx(spec: ModelSpec, path: Path | None) -> ModelHandle:
         dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim]
         if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
             raise UnsupportedModelError(f"{path.name}: input {inputs[0].name!r} has shape {dims}; "
-                                        "expected [batch, channels, height, width] with fixed C, H, W")
+                                        "expected [batch, channels, height, width] with fixed "
+                                        "C, H, W")
+        check_input_size(tuple(dims[1:]), f"{path.name}: input {inputs[0].name!r}")
         data_config = {"input_size": tuple(dims[1:]), "mean": (0.0,) * dims[1],
                        "std": (1.0,) * dims[1], "interpolation": "bilinear", "crop_pct": 1.0}
         pp = spec.preprocess

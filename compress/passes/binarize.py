@@ -19,7 +19,9 @@ from torch import nn
 from ..calibration import observe_activations
 from ..context import PassContext
 from ..distill import DistillSettings, distill
+from ..errors import UnsupportedModelError
 from ..models.handle import ModelHandle
+from ..models.kind import applicable_passes, model_kind, require
 from ..patch.attention import (
     ExplicitTimmAttention,
     explicit_attention_modules,
@@ -55,7 +57,7 @@ class DistillationSpec(BaseModel):
                            "Direction-Matching Distillation plus the output term")
     steps: int = Field(300, ge=1, le=1_000_000)
     lr: float = Field(1e-4, gt=0, le=1)
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=1024)
     weight_decay: float = Field(0.01, ge=0, le=1)
     warmup: float = Field(0.1, ge=0, le=1, description="fraction of steps of linear warm-up")
     max_seconds: float | None = Field(None, gt=0, description="stop training after this long")
@@ -179,8 +181,8 @@ def write_packed(module: nn.Module, layers: dict[str, BinaryLinear], path, meta:
     for k, v in module.state_dict().items():
         if k not in skip and not k.endswith(("zero_point",)) and v.is_floating_point():
             tensors[k] = v.detach().float().cpu().contiguous().clone()
-    layout = {n: {"in_features": l.in_features, "out_features": l.out_features, "act": l.act}
-              for n, l in layers.items()}
+    layout = {n: {"in_features": lay.in_features, "out_features": lay.out_features, "act": lay.act}
+              for n, lay in layers.items()}
     save_file(tensors, str(path), metadata={
         "format": "compress-binary-v1",
         "weights": "W = alpha[:, None] * (2 * bit - 1); bit j of byte i of a row is column 8i+j",
@@ -190,6 +192,7 @@ def write_packed(module: nn.Module, layers: dict[str, BinaryLinear], path, meta:
 
 @register_pass(BinarizeConfig, needs_calibration=_needs_calibration)
 def binarize(model: ModelHandle, config: BinarizeConfig, ctx: PassContext) -> None:
+    require(model_kind(model), "binarize", where=f"passes.{ctx.index}")
     module = model.module
     prefix = f"passes.{ctx.index}."
     dist = config.distillation
@@ -205,8 +208,20 @@ def binarize(model: ModelHandle, config: BinarizeConfig, ctx: PassContext) -> No
         set_submodule(module, name, b)
         layers[name] = b
     # Explicit attention routes the attention products through modules (counted below,
-    # replaced by Bi-Attention); outputs are unchanged.
-    make_attention_explicit(module)
+    # replaced by Bi-Attention); outputs are unchanged. Models whose attention has no explicit
+    # form (windowed, DistilBERT, ALBERT, ...) still get their Linear layers binarized.
+    try:
+        make_attention_explicit(module)
+    except UnsupportedModelError as e:
+        needs = [f for f, on in (("bi_attention", config.bi_attention),
+                                 ("distillation.method: dmd", dist.method == "dmd")) if on]
+        if needs:
+            kind = model_kind(model)
+            raise UnsupportedModelError(
+                f"passes.{ctx.index}: {' and '.join(needs)} need timm Attention or BERT-style "
+                f"self-attention, and {kind.label} has none ({e}). Set bi_attention: false and "
+                "distillation.method: output to binarize its Linear layers, or use "
+                f"{', '.join(a for a in applicable_passes(kind) if a != 'binarize')}") from None
     bi_attn = apply_bi_attention(module) if config.bi_attention else []
     module.to(ctx.device)
     forward = _forward_fn(model.task)

@@ -5,18 +5,19 @@ The algorithm is ``tokens.cluster`` (plain tensors), the model wiring ``patch.vi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from ..context import PassContext
-from ..errors import RecipeError, UnsupportedModelError
+from ..errors import RecipeError
 from ..models.handle import ModelHandle
-from ..patch.vit_tokens import patch_expedit
+from ..models.kind import model_kind, require
+from ..patch.vit_tokens import patch_expedit, vit_dims
 from ..registry import PassConfig, register_pass
+from ..tokens.auto import AutoSchedule, auto_needs_data, check_auto, fidelity_check
 from ..tokens.cluster import cluster_grid
 from ..tokens.schedule import block_macs, search_strength
-from .token_reduction import AutoSchedule, _auto_needs_data, _vit_dims, check_auto, fidelity_check
 
 
 class ExpeditConfig(PassConfig):
@@ -41,18 +42,20 @@ class ExpeditConfig(PassConfig):
     """
 
     type: Literal["expedit"] = "expedit"
-    location: int | None = Field(None, ge=0, description=(
+    location: int | None = Field(None, ge=0, le=255, description=(
         "0-based block after which tokens are clustered; default: depth // 3 (auto: searched "
         "when left out)"))
-    clusters: tuple[int, int] | None = Field(None, description="cluster grid [h, w]")
+    clusters: tuple[Annotated[int, Field(ge=1, le=1024)],
+                    Annotated[int, Field(ge=1, le=1024)]] | None = Field(
+        None, description="cluster grid [h, w]")
     ratio: float | None = Field(None, gt=0, le=1, description=(
         "instead of clusters: share of patch tokens kept (each side scaled by sqrt(ratio))"))
     iters: int = Field(5, ge=0, le=50, description="soft k-means iterations")
     tau: float = Field(0.01, gt=0, description=(
         "temperature on squared feature distances, for clustering and reconstruction"))
-    window: int = Field(5, ge=1, description=(
+    window: int = Field(5, ge=1, le=1024, description=(
         "locality window in cluster cells (a token reaches clusters within window // 2)"))
-    top_k: int = Field(20, ge=1, description="clusters each token is rebuilt from")
+    top_k: int = Field(20, ge=1, le=1024, description="clusters each token is rebuilt from")
     auto: AutoSchedule | None = Field(None, description=(
         "search location and cluster grid instead (overrides clusters/ratio)"))
 
@@ -92,20 +95,16 @@ def _fail(ctx: PassContext, field: str, why: str, message: str) -> RecipeError:
     return RecipeError(message, [(f"passes.{ctx.index}.{field}", why)])
 
 
-@register_pass(ExpeditConfig, needs_calibration=_auto_needs_data)
+@register_pass(ExpeditConfig, needs_calibration=auto_needs_data)
 def expedit(model: ModelHandle, config: ExpeditConfig, ctx: PassContext) -> None:
-    from timm.models.vision_transformer import VisionTransformer
-
     module = model.module
-    if model.task != "image-classification" or not isinstance(module, VisionTransformer):
-        raise UnsupportedModelError(
-            f"passes.{ctx.index}: expedit works on timm VisionTransformer models, not "
-            f"{type(module).__name__ if module is not None else model.source + ' ' + model.task}")
+    require(model_kind(model), "expedit", ("plain_vit",), needs_runner=True,
+            runners=("timm_vit",), where=f"passes.{ctx.index}")
     check_auto(config.auto, model, ctx)
     depth = len(module.blocks)
     grid = tuple(int(v) for v in module.patch_embed.grid_size)
     p = module.num_prefix_tokens
-    dim, mlp_ratio = _vit_dims(module)
+    dim, mlp_ratio = vit_dims(module)
     if config.location is not None and config.location > depth - 2:
         raise _fail(ctx, "location", f"{config.location} not in 0..{depth - 2} (a {depth}-block "
                     "model; clustering after the last block saves nothing)",

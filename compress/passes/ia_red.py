@@ -8,14 +8,15 @@ interpreters on the calibration data with the backbone frozen, and reports the k
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from ..context import PassContext
-from ..errors import RecipeError, UnsupportedModelError
+from ..errors import RecipeError
 from ..models.handle import ModelHandle
+from ..models.kind import model_kind, require
 from ..patch.ia_red import check_ia_red_model, kept_patches, patch_ia_red
 from ..registry import PassConfig, register_pass
 from ..tokens.interpret import (
@@ -62,7 +63,8 @@ class IaRedConfig(PassConfig):
     """
 
     type: Literal["ia_red"] = "ia_red"
-    locations: list[int] | None = Field(None, description=(
+    locations: list[Annotated[int, Field(ge=0, le=255)]] | None = Field(
+        None, max_length=64, description=(
         "0-based blocks with an interpreter in front (one per group); default: ``groups`` "
         "equal groups, the g-th starting at block g*depth//groups"))
     groups: int = Field(3, ge=1, le=64, description="groups when locations is not given")
@@ -71,7 +73,7 @@ class IaRedConfig(PassConfig):
     threshold: float = Field(0.5, gt=0, lt=1, description="keep tokens with p > threshold")
     steps: int = Field(300, ge=0, le=1_000_000, description="REINFORCE steps (0: untrained)")
     lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of the interpreters")
-    batch_size: int = Field(64, ge=1, le=4096, description="calibration images per step")
+    batch_size: int = Field(64, ge=1, le=1024, description="calibration images per step")
     samples: int = Field(4, ge=1, le=64, description=(
         "keep masks drawn per image per step (the others' mean reward is the baseline)"))
     error_penalty: float = Field(-1.0, le=0, description="reward when the top-1 is wrong")
@@ -82,7 +84,7 @@ class IaRedConfig(PassConfig):
     device: Literal["auto", "cpu", "cuda"] | None = Field(None, description=(
         "where to train; default: the recipe's device"))
     max_seconds: float | None = Field(None, gt=0, description="stop training after this long")
-    seed: int = Field(0, description=(
+    seed: int = Field(0, ge=0, le=2**32 - 1, description=(
         "seed of the interpreters' initialization, the batch order and the keep-mask draws"))
     inference: Literal["threshold", "fixed_rate"] = Field("threshold", description=(
         "how the trained interpreters prune at inference: 'threshold' keeps each image's "
@@ -227,11 +229,10 @@ def _training_plot(ctx: PassContext, history: list[dict], locs: list[int]) -> No
 @register_pass(IaRedConfig, needs_calibration=_needs_calibration)
 def ia_red(model: ModelHandle, config: IaRedConfig, ctx: PassContext) -> None:
     if model.task != "image-classification" or model.module is None:
-        raise UnsupportedModelError(
-            f"passes.{ctx.index}: ia_red works on timm ViT/DeiT classifiers; use "
-            "text_token_prune for text encoders")
+        require(model_kind(model), "ia_red", ("plain_vit",), needs_runner=True,
+                runners=("timm_vit",), where=f"passes.{ctx.index}")
     module = model.module
-    check_ia_red_model(module)
+    check_ia_red_model(module, where=f"passes.{ctx.index}")
     depth = len(module.blocks)
     locs = _locations(config, depth, ctx.index)
     device = _device(config, ctx)
@@ -278,13 +279,13 @@ def ia_red(model: ModelHandle, config: IaRedConfig, ctx: PassContext) -> None:
     n = keep[0].shape[1]
     if config.inference == "fixed_rate":
         rates = fixed_keep_rates(keep)
-        module._ia_red["keep_rates"] = dict(zip(map(str, locs), rates))
+        module._ia_red["keep_rates"] = dict(zip(map(str, locs), rates, strict=False))
         model.info["token_reduction"]["keep_rates"] = rates
-        summary["fixed_keep_rates"] = dict(zip([f"block_{v}" for v in locs], rates))
+        summary["fixed_keep_rates"] = dict(zip([f"block_{v}" for v in locs], rates, strict=False))
         keep = _calibration_keep(module, x, ctx.batch_size, device, len(locs))
     pruned = _predict(module, x, ctx.batch_size, device)
     kept_frac = [round(k.float().mean().item(), 4) for k in keep]
-    summary["kept_fraction"] = dict(zip([f"block_{v}" for v in locs], kept_frac))
+    summary["kept_fraction"] = dict(zip([f"block_{v}" for v in locs], kept_frac, strict=False))
     summary["calibration_top1_agreement"] = round((pruned == original).float().mean().item(), 4)
     if calib.labels is not None:
         y = calib.labels.long()
@@ -332,12 +333,12 @@ def fixed_keep_rates(keep: list[torch.Tensor]) -> list[float]:
 
 
 def _kept_plot(model: ModelHandle, ctx: PassContext, x: torch.Tensor, locs: list[int]) -> None:
-    from .token_reduction import plot_kept_patches
+    from ..tokens.pictures import plot_kept_patches
 
     rec = kept_patches(model.module, x)
     names = [f"group {j + 1} (block {loc})" for j, loc in enumerate(locs)]
     plot_kept_patches(model, ctx, x, [r["keep"] for r in rec],
-                      [(f"p, {n}", r["p"]) for n, r in zip(names, rec)],
+                      [(f"p, {n}", r["p"]) for n, r in zip(names, rec, strict=False)],
                       name="kept_patches",
                       title="IA-RED²: interpreter importance p and patches kept per group "
                             "(calibration images)", stage_names=names)

@@ -13,6 +13,7 @@ from ..context import PassContext
 from ..errors import RecipeError
 from ..models.handle import ModelHandle
 from ..parallel import map_tasks
+from ..patch.attention import route_qkv_bias
 from ..quant.mixed import LayerChoice, greedy_path, output_error, state_at
 from ..quant.modules import ActQuantizer, QuantLinear, TwoRegionActQuantizer
 from ..quant.observers import make_observer
@@ -98,8 +99,9 @@ class MixedPrecisionConfig(PassConfig):
         False, description="OPT-m: two-region 8-bit quantizer on post-GELU inputs (mlp.fc2, BERT "
         "output.dense), split and m searched by output error; needs act_bits")
     accuracy_level: Literal[0, 1, 4] = 4
-    calibration_samples: int = Field(128, ge=1, description="Hessians and activation ranges")
-    sensitivity_samples: int = Field(32, ge=1, description="samples per sensitivity")
+    calibration_samples: int = Field(128, ge=1, le=100_000,
+                                     description="Hessians and activation ranges")
+    sensitivity_samples: int = Field(32, ge=1, le=100_000, description="samples per sensitivity")
 
     @field_validator("weight_bits", "act_bits")
     @classmethod
@@ -233,10 +235,11 @@ def _act_quantizer(bits: int | None, rng: _ActRange | None) -> ActQuantizer | No
 def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassContext) -> None:
     prefix = f"passes.{ctx.index}."
     module = model.module
+    route_qkv_bias(module)  # BEiT/EVA qkv would otherwise bypass the quantized module
     layers = select_modules(module, config.targets, config.ignore, (nn.Linear, nn.Embedding),
                             field_prefix=prefix)
     named = {n: m for n, m in module.named_modules() if n}
-    for i, pattern in enumerate(config.overrides):
+    for pattern in config.overrides:
         if not any(_matches(pattern, n, m) for n, m in named.items() if n in layers):
             raise RecipeError(f"{prefix}overrides key {pattern!r} matches no targeted layer",
                               [(f"{prefix}overrides.{pattern}",
@@ -271,6 +274,16 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         finally:
             for h in hooks:
                 h.remove()
+    # Layers the calibration data never reaches have no activation range: they stay float.
+    unreached = [n for n, r in ranges.items() if r.obs.empty]
+    for n in unreached:
+        del ranges[n], layers[n]
+        search.pop(n, None)
+        pinned.pop(n, None)
+    if unreached:
+        ctx.report.summary["skipped"] = [
+            f"{len(unreached)} layer(s) never ran on the calibration data and stay float: "
+            f"{', '.join(unreached[:8])}"]
     opt_m_layers = {}
     for n, r in ranges.items():
         if r.two_region is not None:
@@ -337,7 +350,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
 
     # The starting model: searched layers at their top config, pinned layers at theirs.
     top = {c.name: c.configs[0] for c in choices}
-    for n, (m, cfg) in pinned.items():
+    for n, (_, cfg) in pinned.items():
         set_submodule(module, n, build(n, cfg))
     top_modules = {n: build(n, cfg) for n, cfg in top.items()}
     for n, q in top_modules.items():
@@ -349,7 +362,7 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
         for n, m in layers.items():
             set_submodule(module, n, m)
         reference = [model.forward(b) for b in batches]
-        for n, (m, cfg) in pinned.items():
+        for n, (_, cfg) in pinned.items():
             set_submodule(module, n, build(n, cfg))
         for n, q in top_modules.items():
             set_submodule(module, n, q)
@@ -436,16 +449,16 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
             # Error rise with only this layer lowered to each width (activations at the top).
             sensitivity_by_bits={f"W{c[0]}A{c[1] if c[1] is not None else 'f'}": round(v, 6)
                                  for c, v in sens[n].items()} if n in sens else None)
-    summary = dict(
-        metric=metric, base_error=round(base_error, 6), final_error=round(final_error, 6),
-        predicted_error=round(wpath[k].predicted_error, 6), steps=k + max(len(apath) - 1, 0),
-        avg_weight_bits=round(final[0], 3),
-        avg_act_bits=None if final[1] is None else round(final[1], 3),
-        estimated_size_mb=round(final[2] / 1e6, 3), searched_layers=len(search),
-        pinned_layers=len(pinned), float_layers=len(floats),
-        sensitivities_measured=sum(len(t.candidates) for t in tasks),
-        opt_m_layers=len(opt_m_layers),
-        bits_histogram=_histogram(state, pinned))
+    summary = {
+        "metric": metric, "base_error": round(base_error, 6), "final_error": round(final_error, 6),
+        "predicted_error": round(wpath[k].predicted_error, 6), "steps": k + max(len(apath) - 1, 0),
+        "avg_weight_bits": round(final[0], 3),
+        "avg_act_bits": None if final[1] is None else round(final[1], 3),
+        "estimated_size_mb": round(final[2] / 1e6, 3), "searched_layers": len(search),
+        "pinned_layers": len(pinned), "float_layers": len(floats),
+        "sensitivities_measured": sum(len(t.candidates) for t in tasks),
+        "opt_m_layers": len(opt_m_layers),
+        "bits_histogram": _histogram(state, pinned)}
     if b.max_error is not None and final_error > b.max_error:
         ctx.report.warn(f"measured {metric} error {final_error:.4g} exceeds budget.max_error "
                         f"{b.max_error} at the size budget")

@@ -34,17 +34,34 @@ class OrtQuantizeConfig(PassConfig):
     type: Literal["ort_quantize"] = "ort_quantize"
     mode: Literal["static", "dynamic"] = "static"
     per_channel: bool = True
-    op_types: list[Literal["MatMul", "Gemm", "Conv"]] = Field(
-        default_factory=lambda: ["MatMul", "Gemm", "Conv"])
+    op_types: list[Literal["MatMul", "Gemm", "Conv"]] | Literal["auto", "all"] = Field(
+        "auto", description="ops whose weights and inputs are quantized. all: every op ORT has "
+        "an integer (QDQ) kernel for, with Q/DQ on the tensors between them (Conv outputs, "
+        "residual Adds, pooling), which convolutional networks need to run as QLinearConv in "
+        "NHWC. auto: all for graphs with Conv nodes and no LayerNormalization/Softmax, else "
+        "[MatMul, Gemm, Conv] (what keeps transformers accurate)")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     exclude_activation_matmuls: bool = Field(
         True, description="keep MatMuls without a constant operand (q@k^T, probs@v) in float")
     quantize_outputs: bool = Field(False, description="also quantize MatMul/Gemm outputs")
     nodes_to_exclude: list[str] = Field(default_factory=list, description="ONNX node names")
-    calibration_samples: int = Field(128, ge=1)
+    calibration_samples: int = Field(128, ge=1, le=100_000)
     reduce_range: bool | None = Field(
         None, description="ORT's reduce_range (7-bit weights); null: on where this machine's "
         "CPU lacks VNNI/AMX and ORT's u8s8 kernel would saturate full-range weights")
+
+
+def resolve_op_types(op_types, proto: onnx.ModelProto) -> list[str]:
+    """The op list for ORT's quantizer (``OrtQuantizeConfig.op_types``)."""
+    from ..quant.graph import default_op_types
+
+    if op_types == "all":
+        return default_op_types()
+    if op_types == "auto":
+        ops = {n.op_type for n in proto.graph.node}
+        convnet = "Conv" in ops and not ops & {"LayerNormalization", "Softmax"}
+        return default_op_types() if convnet else ["MatMul", "Gemm", "Conv"]
+    return list(op_types)
 
 
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -110,10 +127,14 @@ def ort_quantize(model: ModelHandle, config: OrtQuantizeConfig, ctx: PassContext
         "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
     out = ctx.workdir / f"pass{ctx.index}_q.onnx"
     reduce = u8s8_saturates() if config.reduce_range is None else config.reduce_range
+    op_types = resolve_op_types(config.op_types, proto)
+    if set(op_types) - {"MatMul", "Gemm", "Conv"}:
+        # Q/DQ between ops: the Conv/Add/pool outputs are quantized too (see quant/graph.py).
+        extra = {"MatMulConstBOnly": True}
     ctx.progress(0.1, f"{config.mode} quantization")
     if config.mode == "dynamic":
         quantize_dynamic(str(pre), str(out), per_channel=config.per_channel,
-                         weight_type=QuantType.QInt8, op_types_to_quantize=list(config.op_types),
+                         weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
                          nodes_to_exclude=exclude, reduce_range=reduce)
     else:
         if ctx.calib is None:
@@ -127,11 +148,12 @@ def ort_quantize(model: ModelHandle, config: OrtQuantizeConfig, ctx: PassContext
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
-                        op_types_to_quantize=list(config.op_types), nodes_to_exclude=exclude,
+                        op_types_to_quantize=op_types, nodes_to_exclude=exclude,
                         extra_options=extra, reduce_range=reduce)
     shutil.copyfile(out, src)
     q = onnx.load(str(src), load_external_data=False)
     n_q = sum(1 for n in q.graph.node if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"))
     ctx.report.summary.update(mode=config.mode, calibrate_method=config.calibrate_method,
+                              op_types=op_types,
                               reduce_range=reduce,
                               excluded_nodes=len(exclude), quantize_nodes=n_q)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..calibration import measure_layer_sqnr, observe_activations
 from ..context import PassContext
+from ..errors import RecipeError
 from ..export.ort import u8s8_saturates
 from ..models.handle import ModelHandle
-from ..patch.attention import explicit_attention_modules, make_attention_explicit
+from ..patch.attention import (
+    explicit_attention_modules,
+    make_attention_explicit,
+    route_qkv_bias,
+)
 from ..patch.fused_attention import fuse_attention
+from ..quant.fold import fold_batchnorm
 from ..quant.functional import search_weight_scale
 from ..quant.modules import (
     ActQuantizer,
@@ -92,7 +99,15 @@ class QuantizeConfig(PassConfig):
     fused_attention: bool = Field(
         False, description="export attention as one float ORT MultiHeadAttention node (fast on "
         "CPU); needs attention_matmuls: false")
-    sqnr_samples: int = Field(64, ge=1, description="calibration samples for per-layer SQNR")
+    sqnr_samples: int = Field(64, ge=1, le=100_000,
+                              description="calibration samples for per-layer SQNR")
+    engine: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="where the Q/DQ nodes come from. torch: quantized Linear/Conv "
+        "modules (inputs quantized, outputs float: what ORT runs fast for Linear layers). "
+        "onnx: Q/DQ on every tensor of the exported graph between integer-capable ops (Conv, "
+        "Add, pooling, Gemm), calibrated on the same data: what ORT needs to run Conv as "
+        "QLinearConv in NHWC. auto: onnx for convolutional networks and conv-attention hybrids, "
+        "torch otherwise")
 
     @field_validator("attention_matmuls")
     @classmethod
@@ -155,7 +170,9 @@ def wrap_layers(model: nn.Module, config: QuantizeConfig, prefix: str,
 
 
 def wrap_attention_matmuls(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Module]:
-    make_attention_explicit(model)
+    """Quantize q@k^T and probs@v of every attention module the explicit patch supports (none
+    on CNNs, Swin's window attention or EVA's rotary attention: those keep float products)."""
+    make_attention_explicit(model, required=False)
     wrapped = {}
     for name, attn in explicit_attention_modules(model).items():
         for part in ("matmul_qk", "matmul_av"):
@@ -170,25 +187,95 @@ def wrap_attention_matmuls(model: nn.Module, config: QuantizeConfig) -> dict[str
     return wrapped
 
 
+def choose_engine(model: ModelHandle, config: QuantizeConfig) -> tuple[str, str]:
+    """(engine, why) for this model: see ``QuantizeConfig.engine``."""
+    if config.engine != "auto":
+        return config.engine, "set in the recipe"
+    if config.activations is None:
+        return "torch", "weight-only quantization runs on the torch modules"
+    from ..models.kind import model_kind
+
+    kind = model_kind(model)
+    if kind.kind in ("cnn", "hybrid"):
+        if config.ignore or config.targets != ["Linear", "Conv2d"] or \
+                config.activations.opt_m or config.weights.bits != 8 or \
+                config.activations.bits != 8 or config.weights.observer != "minmax":
+            return "torch", (f"{kind.kind}, but targets/ignore, opt_m, sub-8-bit widths or "
+                             "weight observers are torch-engine options")
+        return "onnx", f"{kind.kind}: Conv needs Q/DQ on its output to run as QLinearConv"
+    return "torch", f"{kind.kind}: Linear layers run as MatMulIntegerToFloat with float outputs"
+
+
+@torch.no_grad()
+def fold_norms(model: ModelHandle, ctx: PassContext) -> list[str]:
+    """Fold BatchNorm into the Conv before it (weights then quantize with the BN scale in)."""
+    batch = next(iter(ctx.calib_batches(min(8, len(ctx.calib)))))
+    return fold_batchnorm(model.module, lambda: model.forward(batch))
+
+
 @register_pass(QuantizeConfig, needs_calibration=True)
 def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> None:
     module = model.module
     prefix = f"passes.{ctx.index}."
-    fused = fuse_attention(module) if config.fused_attention else []
+    module.to(ctx.device)
+    module.eval()
+    folded = fold_norms(model, ctx)
+    route_qkv_bias(module)
+    engine, why = choose_engine(model, config)
+    ctx.report.summary.update(engine=engine, engine_reason=why, folded_batchnorms=len(folded))
+    if engine == "onnx":
+        if config.activations is None:
+            raise RecipeError(f"{prefix}engine: onnx quantizes activations; with activations: "
+                              "null (weight-only) use engine: torch or auto",
+                              [(f"{prefix}engine", "needs activations")])
+        if config.ignore:
+            raise RecipeError(f"{prefix}ignore is not available with engine: onnx (the graph "
+                              "quantizer addresses ONNX nodes, not modules); use engine: torch, "
+                              "or the ort_quantize pass with nodes_to_exclude",
+                              [(f"{prefix}ignore", "not available with engine: onnx")])
+        # Checks the targets the same way, so a typo still fails here, not after export.
+        select_modules(module, config.targets, config.ignore, (nn.Linear, nn.Conv2d),
+                       field_prefix=prefix)
+        acts = config.activations
+        model.info["graph_quantize"] = {
+            "index": ctx.index, "report": ctx.report, "observer": acts.observer,
+            "percentile": acts.percentile,
+            "reduce_range": effective_weight_bits(config.weights) == 7,
+            "samples": len(ctx.calib)}
+        if config.attention_matmuls or config.fused_attention:
+            ctx.report.summary["skipped"] = [
+                "attention_matmuls/fused_attention: the graph engine keeps products of two "
+                "activations in float"]
+        return
+    skipped = []
+    fused = fuse_attention(module, required=False) if config.fused_attention else []
+    if config.fused_attention and not fused:
+        skipped.append("fused_attention: no attention module this patch supports (timm "
+                       "Attention without q/k norm, BERT-style self-attention)")
     w_bits = effective_weight_bits(config.weights)
     layers = wrap_layers(module, config, prefix, w_bits)
     matmuls = {}
     if config.attention_matmuls and config.activations is not None:
         matmuls = wrap_attention_matmuls(module, config)
+        if not matmuls:
+            skipped.append("attention_matmuls: no attention module the explicit patch supports "
+                           "(timm Attention, BERT-style self-attention); products stay float")
     module.to(ctx.device)
     opt_m = {}
+    unobserved = []
     if config.activations is not None:
         observe_activations(model, ctx)
+        unobserved = [n for n, q in layers.items() if q.input_quantizer is not None
+                      and q.input_quantizer.mode == "off"]
+        unobserved += [n for n, qm in matmuls.items() if qm.a_quantizer.mode == "off"]
+        if unobserved:
+            skipped.append(f"{len(unobserved)} layer(s) never ran on the calibration data, their "
+                           f"inputs stay float: {', '.join(unobserved[:8])}")
         for name, q in layers.items():
-            if isinstance(q.input_quantizer, TwoRegionActQuantizer):
+            if isinstance(q.input_quantizer, TwoRegionActQuantizer) and name not in unobserved:
                 opt_m[name] = q.input_quantizer.search(q.weight.T)
         for name, qm in matmuls.items():
-            if isinstance(qm.a_quantizer, TwoRegionActQuantizer):
+            if isinstance(qm.a_quantizer, TwoRegionActQuantizer) and name not in unobserved:
                 opt_m[name] = qm.a_quantizer.search()  # by the error of probs @ v
         for name, best in opt_m.items():
             ctx.report.add_layer(name, opt_m_split=float(f"{float(best['split']):.4g}"),
@@ -203,14 +290,17 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
     for name, q in layers.items():
         ctx.report.add_layer(name, kind=type(q).__name__.removeprefix("Quant"),
                              params=q.weight.numel(), weight_bits=config.weights.bits,
-                             act_bits=a_bits, sqnr_db=sqnr[name],
+                             act_bits=None if name in unobserved else a_bits,
+                             sqnr_db=sqnr[name],
                              simulated=config.weights.bits != 8 or (a_bits or 8) != 8)
     for name in matmuls:
         ctx.report.add_layer(name, kind="MatMul", params=0, weight_bits=None, act_bits=a_bits,
                              sqnr_db=sqnr[name], simulated=(a_bits or 8) != 8)
+    measured = [v for v in sqnr.values() if v == v]  # layers never reached have NaN SQNR
     ctx.report.summary.update(
         quantized_layers=len(layers), quantized_matmuls=len(matmuls),
         fused_attention=len(fused), opt_m_layers=len(opt_m),
         weight_bits=config.weights.bits, weight_code_bits=w_bits, act_bits=a_bits,
         observer=config.activations.observer if config.activations else None,
-        min_sqnr_db=min(sqnr.values()) if sqnr else None)
+        min_sqnr_db=min(measured) if measured else None, unobserved_layers=len(unobserved),
+        skipped=skipped)

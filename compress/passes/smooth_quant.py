@@ -9,8 +9,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..context import PassContext
-from ..errors import UnsupportedModelError
 from ..models.handle import ModelHandle
+from ..patch.attention import route_qkv_bias
+from ..quant.fold import outputs_match, trace_pairs
 from ..quant.modules import ChannelAffine, apply_input_transform
 from ..quant.smoothing import (
     fold_into_layernorm,
@@ -92,48 +93,103 @@ class Group:
             self.kept += take
 
 
-def find_groups(model: nn.Module) -> list[Group]:
-    """LayerNorm -> Linear groups of timm ViT/DeiT blocks, timm patch merging and BERT layers."""
+@torch.no_grad()
+def find_groups(model: ModelHandle, batch: dict[str, torch.Tensor]) -> list[Group]:
+    """LayerNorm -> Linear groups, found from one traced forward on ``batch``.
+
+    A group is a LayerNorm (over the last dimension, with a scale) and every Linear whose input
+    is exactly its output: pre-LN transformer blocks (norm1 -> qkv or q/k/v, norm2 -> fc1 or
+    SwiGLU's two projections), patch merging, ConvNeXt's channels-last norm -> fc1, BERT's
+    LayerNorm -> q/k/v and -> intermediate.dense. No class is recognised by name. Where the
+    LayerNorm's output goes only to those Linears the smoothing folds into it; where it also
+    feeds something else (post-LN BERT's residual), folding would change the model, which a
+    trial fold detects on ``batch``, so the group keeps an explicit input step instead.
+    """
+    module = model.module
+    pairs = trace_pairs(module, lambda: model.forward(batch), (nn.LayerNorm,), (nn.Linear,))
     groups = []
-    for name, m in model.named_modules():
-        p = f"{name}." if name else ""
-        attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
-        if isinstance(getattr(m, "norm1", None), nn.LayerNorm) and \
-                isinstance(getattr(attn, "qkv", None), nn.Linear) and \
-                type(m).__name__ == "Block":  # timm ViT/DeiT; Swin pads after norm1
-            groups.append(Group(f"{p}norm1", m.norm1, {f"{p}attn.qkv": attn.qkv}, True))
-            if isinstance(getattr(m, "norm2", None), nn.LayerNorm) and \
-                    isinstance(getattr(mlp, "fc1", None), nn.Linear):
-                groups.append(Group(f"{p}norm2", m.norm2, {f"{p}mlp.fc1": mlp.fc1}, True))
-        elif type(m).__name__ == "PatchMerging" and isinstance(getattr(m, "norm", None),
-                                                                nn.LayerNorm) \
-                and isinstance(getattr(m, "reduction", None), nn.Linear):
-            groups.append(Group(f"{p}norm", m.norm, {f"{p}reduction": m.reduction}, True))
-        elif hasattr(m, "layer") and isinstance(m.layer, nn.ModuleList) and \
-                all(hasattr(layer, "attention") and hasattr(layer, "intermediate")
-                    for layer in m.layer):
-            groups += _bert_groups(model, name, m)
+    for norm_name, lin_names in pairs.items():
+        norm = module.get_submodule(norm_name)
+        linears = {n: module.get_submodule(n) for n in lin_names}
+        if norm.weight is None or len(norm.normalized_shape) != 1 or \
+                any(lin.in_features != norm.normalized_shape[0] for lin in linears.values()):
+            continue
+        groups.append(Group(norm_name, norm, linears, foldable=False))
+    _mark_foldable(model, batch, groups)
     return groups
 
 
-def _bert_groups(model: nn.Module, name: str, encoder: nn.Module) -> list[Group]:
-    groups = []
-    parent = name.rpartition(".")[0]
-    emb_name = f"{parent}.embeddings" if parent else "embeddings"
-    try:
-        prev_name, prev = f"{emb_name}.LayerNorm", model.get_submodule(f"{emb_name}.LayerNorm")
-    except AttributeError:
-        prev_name, prev = None, None
-    for i, layer in enumerate(encoder.layer):
-        p = f"{name}.layer.{i}"
-        sa = layer.attention.self
-        if isinstance(prev, nn.LayerNorm):
-            groups.append(Group(prev_name, prev, {f"{p}.attention.self.{k}": getattr(sa, k)
-                                                  for k in ("query", "key", "value")}, False))
-        groups.append(Group(f"{p}.attention.output.LayerNorm", layer.attention.output.LayerNorm,
-                            {f"{p}.intermediate.dense": layer.intermediate.dense}, False))
-        prev_name, prev = f"{p}.output.LayerNorm", layer.output.LayerNorm
-    return groups
+@torch.no_grad()
+def _mark_foldable(model: ModelHandle, batch: dict[str, torch.Tensor],
+                   groups: list[Group]) -> None:
+    """Set ``foldable`` on the groups whose LayerNorm output feeds nothing but their Linears:
+    fold a random smoothing into LayerNorm and Linears and see whether the output moves."""
+    if not groups:
+        return
+    reference = model.forward(batch)
+    gen = torch.Generator().manual_seed(0)
+
+    def trial(group_list):
+        saved = []
+        for g in group_list:
+            c = g.norm.normalized_shape[0]
+            s = (torch.rand(c, generator=gen) + 0.5).to(g.norm.weight.device)
+            z = (torch.randn(c, generator=gen) * 0.1).to(g.norm.weight.device)
+            saved.append(_fold(g, s, z))
+        ok = outputs_match(reference, model.forward(batch), rtol=1e-3)
+        for g, state in zip(group_list, saved, strict=True):
+            _restore(g, state)
+        return ok
+
+    if trial(groups):
+        for g in groups:
+            g.foldable = True
+        return
+    for g in groups:
+        g.foldable = trial([g])
+
+
+def _fold_into_linears(linears, s: torch.Tensor, z: torch.Tensor) -> None:
+    """Give each Linear the smoothing: its weight takes the scale s, its bias the shift z."""
+    for lin in linears:
+        w, b = fold_into_linear(lin.weight, lin.bias, s, z)
+        lin.weight.copy_(w)
+        if lin.bias is None:
+            lin.bias = nn.Parameter(b)
+        else:
+            lin.bias.copy_(b)
+
+
+def _fold(g: Group, s: torch.Tensor, z: torch.Tensor) -> dict:
+    """Fold ``(x - z) / s`` into the LayerNorm and its inverse into the Linears (in place);
+    returns what ``_restore`` needs."""
+    state = {"norm_weight": g.norm.weight.detach().clone(),
+             "norm_bias": None if g.norm.bias is None else g.norm.bias.detach().clone(),
+             "linears": {n: (lin.weight.detach().clone(),
+                             None if lin.bias is None else lin.bias.detach().clone())
+                         for n, lin in g.linears.items()}}
+    _fold_into_linears(g.linears.values(), s, z)
+    if g.norm.bias is None:
+        g.norm.bias = nn.Parameter(torch.zeros_like(g.norm.weight))
+    gamma, beta = fold_into_layernorm(g.norm.weight, g.norm.bias, s, z)
+    g.norm.weight.copy_(gamma)
+    g.norm.bias.copy_(beta)
+    return state
+
+
+def _restore(g: Group, state: dict) -> None:
+    g.norm.weight.copy_(state["norm_weight"])
+    if state["norm_bias"] is None:
+        g.norm.bias = None
+    else:
+        g.norm.bias.copy_(state["norm_bias"])
+    for n, lin in g.linears.items():
+        w, b = state["linears"][n]
+        lin.weight.copy_(w)
+        if b is None:
+            lin.bias = None
+        else:
+            lin.bias.copy_(b)
 
 
 @torch.no_grad()
@@ -162,18 +218,10 @@ def smooth_group(g: Group, alpha: float, shift: bool) -> tuple[torch.Tensor, tor
     dev = linears[0].weight.device
     s, z = smoothing_factors(g.min, g.max, [lin.weight.cpu() for lin in linears], alpha, shift)
     s, z = s.to(dev), z.to(dev)
-    for lin in linears:
-        w, b = fold_into_linear(lin.weight, lin.bias, s, z)
-        lin.weight.copy_(w)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(b)
-        else:
-            lin.bias.copy_(b)
     if g.foldable:
-        gamma, beta = fold_into_layernorm(g.norm.weight, g.norm.bias, s, z)
-        g.norm.weight.copy_(gamma)
-        g.norm.bias.copy_(beta)
+        _fold(g, s, z)
     else:
+        _fold_into_linears(linears, s, z)
         # One shared module: q, k and v export identical nodes on one input, which ORT's
         # common-subexpression elimination merges into one.
         transform = ChannelAffine(z, 1 / s)
@@ -185,15 +233,20 @@ def smooth_group(g: Group, alpha: float, shift: bool) -> tuple[torch.Tensor, tor
 
 @register_pass(SmoothQuantConfig, needs_calibration=True)
 def smooth_quant(model: ModelHandle, config: SmoothQuantConfig, ctx: PassContext) -> None:
-    groups = find_groups(model.module)
+    model.module.to(ctx.device)
+    model.module.eval()
+    batch = next(iter(ctx.calib_batches(min(8, len(ctx.calib)))))
+    route_qkv_bias(model.module)  # so norm1 -> qkv shows up where qkv bypassed its forward
+    groups = find_groups(model, batch)
     groups = [g for g in groups
               if not any(_matches(p, n, lin) for n, lin in g.linears.items()
                          for p in config.ignore)]
     if not groups:
-        raise UnsupportedModelError(
-            "smooth_quant found no LayerNorm -> Linear pair (timm ViT/DeiT blocks, patch merging, "
-            "BERT layers) to smooth")
-    model.module.to(ctx.device)
+        # Optional step: CNNs, or norms that reach their Linear through padding or reshapes
+        # (Swin's window attention), have nothing to smooth; quantization still applies.
+        ctx.report.summary.update(groups=0, folded=0, explicit=0, shift=config.shift, skipped=[
+            "smooth_quant: no LayerNorm whose output is a Linear's input; nothing smoothed"])
+        return
     collect(model, groups, ctx)
     for i, g in enumerate(groups):
         if g.min is None:

@@ -11,8 +11,9 @@ from torch import nn
 from ..context import PassContext
 from ..errors import RecipeError
 from ..models.handle import ModelHandle
+from ..patch.attention import route_qkv_bias
 from ..quant.functional import sqnr_db
-from ..quant.nbits import NBitsEmbedding, NBitsLinear
+from ..quant.nbits import NBitsConv2d, NBitsEmbedding, NBitsLinear, quantize_conv_weight
 from ..quant.weight_only import GroupQuantized, HessianAccumulator, gptq, hqq, rtn
 from ..registry import PassConfig, register_pass
 from ..targeting import LayerPatterns, select_modules, set_submodule
@@ -53,8 +54,11 @@ class WeightOnlyConfig(PassConfig):
     """
 
     type: Literal["weight_only"] = "weight_only"
-    targets: LayerPatterns = Field(default_factory=lambda: ["Linear"],
-                                   description="Linear and/or Embedding: class, name or re:<regex>")
+    targets: LayerPatterns = Field(
+        default_factory=lambda: ["Linear", "Conv2d"],
+        description="Linear, Conv2d and/or Embedding: class, name or re:<regex>. Conv2d kernels "
+        "are quantized per output channel in blocks of their flattened rows (RTN) and exported "
+        "as blocked DequantizeLinear -> Conv")
     ignore: LayerPatterns = Field(default_factory=list, description="layers kept in float")
     bits: Literal[2, 3, 4, 5, 6, 8] = 4
     embedding_bits: Literal[2, 3, 4, 5, 6, 8] | None = Field(
@@ -68,7 +72,7 @@ class WeightOnlyConfig(PassConfig):
     mse_grid: int = Field(0, ge=0, le=100, description="RTN/GPTQ range-shrink search steps")
     accuracy_level: Literal[0, 1, 4] = Field(
         4, description="MatMulNBits: 4 = int8 compute (fast), 0/1 = float compute")
-    calibration_samples: int = Field(128, ge=1, description="GPTQ Hessian samples")
+    calibration_samples: int = Field(128, ge=1, le=100_000, description="GPTQ Hessian samples")
     safetensors: bool = Field(False, description="also write compressed-tensors/ safetensors")
 
 
@@ -124,9 +128,14 @@ def make_nbits(layer: nn.Module, gq: GroupQuantized, input_quantizer=None,
 @register_pass(WeightOnlyConfig, needs_calibration=lambda c: c.method == "gptq")
 def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) -> None:
     prefix = f"passes.{ctx.index}."
+    route_qkv_bias(model.module)  # BEiT/EVA qkv would otherwise bypass the quantized module
     layers = select_modules(model.module, config.targets, config.ignore,
-                            (nn.Linear, nn.Embedding), field_prefix=prefix)
-    check_block_sizes(layers, config.block_size, f"{prefix}block_size")
+                            (nn.Linear, nn.Embedding, nn.Conv2d), field_prefix=prefix)
+    convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
+    # Conv rows are padded to whole blocks (ONNX's blocked DequantizeLinear allows a short
+    # last block); MatMulNBits and GatherBlockQuantized need whole blocks.
+    check_block_sizes({n: m for n, m in layers.items() if n not in convs}, config.block_size,
+                      f"{prefix}block_size")
     if config.safetensors and config.method == "hqq":
         raise RecipeError(f"{prefix}safetensors needs integer zero points: use method rtn or "
                           f"gptq with safetensors (HQQ's zero points are float)",
@@ -139,6 +148,20 @@ def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) 
     saved = {}
     for i, (name, layer) in enumerate(layers.items()):
         ctx.progress(0.2 + 0.7 * i / len(layers), f"quantizing {name}")
+        if name in convs:
+            # GPTQ would need the unfolded (im2col) inputs' Hessian; RTN with integer zero
+            # points is what the blocked DequantizeLinear stores.
+            gq = quantize_conv_weight(layer, config.bits, config.block_size, config.symmetric,
+                                      config.mse_grid)
+            w = layer.weight.detach().float().cpu().flatten(1)
+            wq = gq.dequantize()[:, :w.shape[1]]
+            q = NBitsConv2d(layer, gq).to(layer.weight.device)
+            set_submodule(model.module, name, q)
+            ctx.report.add_layer(name, kind="Conv2d", params=layer.weight.numel(),
+                                 weight_bits=config.bits, act_bits=None,
+                                 sqnr_db=round(sqnr_db(w, wq), 2), simulated=q.simulated,
+                                 method="rtn", block_size=config.block_size)
+            continue
         emb = isinstance(layer, nn.Embedding)
         bits = (config.embedding_bits or config.bits) if emb else config.bits
         method = "rtn" if emb else config.method  # GatherBlockQuantized: integer zero points
@@ -162,9 +185,9 @@ def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) 
                              weight_bits=bits, act_bits=None, sqnr_db=round(sqnr, 2),
                              simulated=q.simulated, method=method, block_size=config.block_size)
     n_params = sum(layers[n].weight.numel() for n in layers)
-    summary = dict(quantized_layers=len(layers), bits=config.bits, method=config.method,
-                   block_size=config.block_size, symmetric=config.symmetric,
-                   quantized_params=n_params)
+    summary = {"quantized_layers": len(layers), "bits": config.bits, "method": config.method,
+                   "block_size": config.block_size, "symmetric": config.symmetric,
+                   "quantized_params": n_params}
     if config.safetensors:
         from ..export.compressed_tensors import save_pack_quantized
 

@@ -90,8 +90,9 @@ class ExplicitTimmAttention(nn.Module):
 
 
 def _is_bert_self_attention(m: nn.Module) -> bool:
+    # ``dropout``: the forward below uses it; HF ViT/DeiT's ViTSelfAttention has no such module
     return (type(m).__name__.endswith("SelfAttention") and all(
-        hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads")))
+        hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads", "dropout")))
 
 
 class ExplicitBertSelfAttention(nn.Module):
@@ -133,10 +134,12 @@ def _swap_class(module: nn.Module, mixin: type) -> None:
         _add_submodules(module)
 
 
-def make_attention_explicit(model: nn.Module) -> list[str]:
+def make_attention_explicit(model: nn.Module, required: bool = True) -> list[str]:
     """Swap every supported attention module for its explicit form; returns their names.
 
-    Raises UnsupportedModelError when the model has attention this cannot handle.
+    Raises UnsupportedModelError when the model has attention this cannot handle, or, with
+    ``required``, none at all (passes for which explicit attention is optional, such as
+    quantization, pass ``required=False`` and get an empty list).
     """
     timm_attention = _timm_attention_cls()
     names = []
@@ -147,12 +150,14 @@ def make_attention_explicit(model: nn.Module) -> list[str]:
         elif _is_bert_self_attention(m):
             pos = getattr(m, "position_embedding_type", "absolute")
             if pos != "absolute" or getattr(m, "is_decoder", False):
+                if not required:
+                    continue
                 raise UnsupportedModelError(
                     f"{name}: attention with position_embedding_type={pos!r} or decoder caches "
                     "is not supported; only encoder attention with absolute positions is")
             _swap_class(m, ExplicitBertSelfAttention)
             names.append(name)
-    if not names:
+    if not names and required:
         raise UnsupportedModelError(
             "found no supported attention module (timm Attention or BERT-style SelfAttention); "
             "attention passes work on timm ViT/DeiT and BERT-family encoders")
@@ -162,3 +167,35 @@ def make_attention_explicit(model: nn.Module) -> list[str]:
 def explicit_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
             if isinstance(m, (ExplicitTimmAttention, ExplicitBertSelfAttention))}
+
+
+@torch.no_grad()
+def route_qkv_bias(model: nn.Module) -> list[str]:
+    """Make fused q/k/v projections that bypass their Linear's forward call it instead.
+
+    BEiT/EVA-style attention keeps separate ``q_bias``/``v_bias`` parameters (no key bias) and
+    computes ``F.linear(x, self.qkv.weight, cat(q_bias, 0, v_bias))``, so a quantized module
+    put at ``qkv`` never runs and the projection stays float. Moving the concatenated bias into
+    ``qkv.bias`` (and clearing ``q_bias``, which sends the forward through ``self.qkv(x)``)
+    computes the same thing. Returns the attention modules changed.
+    """
+    names = []
+    for name, m in model.named_modules():
+        qkv = getattr(m, "qkv", None)
+        q_bias, v_bias = getattr(m, "q_bias", None), getattr(m, "v_bias", None)
+        if not isinstance(qkv, nn.Linear) or qkv.bias is not None or \
+                not isinstance(q_bias, torch.Tensor) or not isinstance(v_bias, torch.Tensor):
+            continue
+        k_bias = getattr(m, "k_bias", None)
+        if not isinstance(k_bias, torch.Tensor):
+            k_bias = torch.zeros_like(q_bias)
+        bias = torch.cat((q_bias, k_bias, v_bias))
+        if bias.shape[0] != qkv.out_features:
+            continue
+        qkv.bias = nn.Parameter(bias.detach().clone())
+        m.q_bias = None
+        if "k_bias" in m._buffers:
+            m.k_bias = None
+        m.v_bias = None
+        names.append(name)
+    return names

@@ -100,8 +100,12 @@ def _swap(m: nn.Module, mixin: type) -> None:
     mix_into(m, mixin, "Fused", base=_original_class(m))
 
 
-def fuse_attention(model: nn.Module) -> list[str]:
-    """Swap every timm ``Attention`` / BERT-style self-attention for its fused-export form."""
+def fuse_attention(model: nn.Module, required: bool = True) -> list[str]:
+    """Swap every timm ``Attention`` / BERT-style self-attention for its fused-export form.
+
+    Without ``required``, attention this cannot fuse (q/k norm, gates, relative positions) and
+    models without any are left as they are (returns the names fused, possibly none).
+    """
     from .attention import _is_bert_self_attention, _timm_attention_cls
 
     timm_attention = _timm_attention_cls()
@@ -111,17 +115,21 @@ def fuse_attention(model: nn.Module) -> list[str]:
         if issubclass(base, timm_attention):
             if not isinstance(getattr(m, "q_norm", None), nn.Identity) or \
                     getattr(m, "gate", None) is not None:
+                if not required:
+                    continue
                 raise UnsupportedModelError(f"{name}: q/k norm or gated attention cannot be fused")
             _swap(m, FusedTimmAttention)
             names.append(name)
         elif _is_bert_self_attention(m):
             pos = getattr(m, "position_embedding_type", "absolute")
             if pos != "absolute" or getattr(m, "is_decoder", False):
+                if not required:
+                    continue
                 raise UnsupportedModelError(
                     f"{name}: only encoder attention with absolute positions can be fused")
             _swap(m, FusedBertSelfAttention)
             names.append(name)
-    if not names:
+    if not names and required:
         raise UnsupportedModelError(
             "found no attention to fuse (timm Attention or BERT-style SelfAttention)")
     return names

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..models.kind import model_kind, require
 from ..tokens.interpret import (
     PerBlockAgent,
     attention_mask,
@@ -28,20 +29,18 @@ from .mixin import mix_into
 from .vit_tokens import TokenWeightedPool
 
 
-def check_ia_red_model(model: nn.Module) -> None:
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
+def check_ia_red_model(model: nn.Module, where: str = "") -> None:
+    """UnsupportedModelError unless ``model`` is a timm VisionTransformer ia_red can drive."""
+    kind = model_kind(model)
+    require(kind, "ia_red", ("plain_vit",), needs_runner=True, runners=("timm_vit",),
+            where=where)
+    lead = f"{where}: " if where else ""
+    if "class_token" not in kind.features:
+        raise UnsupportedModelError(f"{lead}ia_red needs a class token (the interpreters' "
+                                    f"query); {kind.arch} has none. Use tome, which needs none")
+    if model.global_pool not in ("token", "avg"):
         raise UnsupportedModelError(
-            f"ia_red supports timm VisionTransformer (ViT/DeiT), not {type(model).__name__}")
-    bad = [type(b).__name__ for b in model.blocks if not isinstance(b, Block)]
-    if bad:
-        raise UnsupportedModelError(f"ia_red supports timm Block, not {bad[0]}")
-    if model.num_prefix_tokens < 1:
-        raise UnsupportedModelError("ia_red needs a class token (the interpreters' query)")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
-        raise UnsupportedModelError(
-            f"ia_red needs global_pool 'token' or 'avg', not {model.global_pool!r}")
+            f"{lead}ia_red needs global_pool 'token' or 'avg', not {model.global_pool!r}")
 
 
 class InterpretedViT(TokenWeightedPool):

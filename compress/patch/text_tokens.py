@@ -29,7 +29,8 @@ def _encoder_parts(transformer: nn.Module):
     emb = getattr(transformer, "embeddings", None)
     layers = getattr(getattr(transformer, "encoder", None), "layer", None)
     if emb is None or layers is None or not all(
-            hasattr(l, "attention") and hasattr(l, "feed_forward_chunk") for l in layers):
+            hasattr(layer, "attention") and hasattr(layer, "feed_forward_chunk")
+            for layer in layers):
         raise UnsupportedModelError(
             f"text token pruning supports BERT-family encoders (embeddings, encoder.layer[i] "
             f"with attention and feed_forward_chunk), not {type(transformer).__name__}")

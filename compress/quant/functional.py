@@ -104,7 +104,8 @@ def search_weight_scale(w: torch.Tensor, bits: int, metric: str = "mse", grid: i
         if metric == "mse":
             err = (y - rows).pow(2).mean(1)
         elif metric == "cosine":
-            err = 1 - torch.nn.functional.cosine_similarity(rows.double(), y.double(), dim=1).float()
+            cos = torch.nn.functional.cosine_similarity(rows.double(), y.double(), dim=1)
+            err = 1 - cos.float()
         else:
             raise ValueError(f"unknown weight observer {metric!r}")
         better = err < best_err
@@ -168,7 +169,7 @@ def search_two_region(x: torch.Tensor | list[torch.Tensor], rhs: torch.Tensor | 
         for m in range(max_m + 1 if k else 1):
             s2 = s1 * 2 ** m
             sq, n = 0.0, 0
-            for xi, ri in zip(xs, rhss):
+            for xi, ri in zip(xs, rhss, strict=False):
                 x1, x2 = two_region_fake_quantize(xi, split, s1, zp1.float(), s2, bits)
                 e = (x1 + x2 - xi) @ ri
                 sq += float(e.double().pow(2).sum())

@@ -91,9 +91,15 @@ class ActQuantizer(nn.Module):
                                        self.symmetric)
         self.mode = "observe"
 
+    @property
+    def observed(self) -> bool:
+        """Whether calibration data reached this quantizer (a branch the data never takes,
+        or a layer after an early exit, leaves it empty)."""
+        return self.observer is not None and not self.observer.empty
+
     def freeze(self) -> None:
         """Turn observed statistics into a scale and zero point and start quantizing."""
-        if self.observer is None or self.observer.empty:
+        if not self.observed:
             raise RuntimeError("ActQuantizer.freeze() before any calibration data was observed")
         lo, hi = self.observer.range()
         self.set_range(lo, hi)
@@ -202,6 +208,10 @@ class TwoRegionActQuantizer(ActQuantizer):
             return x1, x2
         return two_region_fake_quantize(x, self.split, self.scale,
                                         self.zero_point.to(torch.float32), self.scale2, self.bits)
+
+    @property
+    def observed(self) -> bool:
+        return bool(self.rows)
 
     def freeze(self) -> None:
         """Frozen by ``search()`` instead; kept for the calibration loop's contract."""
@@ -326,7 +336,8 @@ class QuantLinear(QuantWeightMixin, nn.Module):
     MatMulIntegerToFloat (float output, integer product).
     """
 
-    def __init__(self, linear: nn.Linear, w_bits: int = 8, input_quantizer: ActQuantizer | None = None):
+    def __init__(self, linear: nn.Linear, w_bits: int = 8,
+                 input_quantizer: ActQuantizer | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
@@ -368,7 +379,8 @@ class QuantLinear(QuantWeightMixin, nn.Module):
 class QuantConv2d(QuantWeightMixin, nn.Module):
     """nn.Conv2d with fake-quantized input and per-output-channel integer weights."""
 
-    def __init__(self, conv: nn.Conv2d, w_bits: int = 8, input_quantizer: ActQuantizer | None = None):
+    def __init__(self, conv: nn.Conv2d, w_bits: int = 8,
+                 input_quantizer: ActQuantizer | None = None):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"Conv2d padding_mode {conv.padding_mode!r} is not supported")

@@ -62,8 +62,8 @@ class NBitsLinear(nn.Module):
                 inputs += [None, self.bias]
             return torch.onnx.ops.symbolic(
                 "com.microsoft::MatMulNBits", inputs,
-                dict(K=self.in_features, N=self.out_features, bits=self.container,
-                     block_size=self.block, accuracy_level=self.accuracy_level),
+                {"K": self.in_features, "N": self.out_features, "bits": self.container,
+                     "block_size": self.block, "accuracy_level": self.accuracy_level},
                 dtype=x.dtype, shape=[*x.shape[:-1], self.out_features], version=1)
         return F.linear(xq, self.dequantized_weight(), self.bias)
 
@@ -105,10 +105,77 @@ class NBitsEmbedding(nn.Module):
             return torch.onnx.ops.symbolic(
                 "com.microsoft::GatherBlockQuantized",
                 [self.qweight, ids, self.scales, self.zero_points],
-                dict(gather_axis=0, quantize_axis=1, block_size=self.block, bits=self.container),
+                {"gather_axis": 0, "quantize_axis": 1, "block_size": self.block,
+                 "bits": self.container},
                 dtype=torch.float32, shape=[*ids.shape, self.embedding_dim], version=1)
         return F.embedding(ids, self.dequantized_weight())
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
                 f"block={self.block}")
+
+
+class NBitsConv2d(nn.Module):
+    """nn.Conv2d with block-quantized weights: the kernel flattened to ``[out, in/groups * kh *
+    kw]`` and quantized in blocks along that row, like a Linear's.
+
+    ORT has no N-bit convolution kernel, so the export is ONNX's own blocked
+    ``DequantizeLinear`` (opset 21, ``block_size`` along axis 1, the last block may be short)
+    -> ``Reshape`` -> ``Conv``: the file holds 4-bit codes (``pack_block_dequantize_weights``
+    turns their 8-bit container into UINT4 after export) and ORT dequantizes them when it runs
+    the Conv, which costs a little time but no accuracy beyond the rounding itself. Rows are
+    padded with zeros to whole blocks for the quantizer; the padding is cut before export.
+    """
+
+    def __init__(self, conv: nn.Conv2d, gq: GroupQuantized):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Conv2d padding_mode {conv.padding_mode!r} is not supported")
+        self.weight_shape = tuple(conv.weight.shape)
+        self.k = conv.weight[0].numel()
+        self.bits, self.block = gq.bits, gq.block
+        self.container = container_bits(gq.bits)
+        self.bias = conv.bias
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.gq = gq
+        self.register_buffer("codes", gq.codes[:, :self.k].to(torch.uint8).contiguous())
+        self.register_buffer("scales", gq.scale.float().contiguous())
+        self.register_buffer("zero_points", gq.zero.to(torch.uint8).contiguous())
+        self._w = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.bits not in (4, 8)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self._w is None:
+            self._w = self.gq.dequantize()[:, :self.k].reshape(self.weight_shape)
+        return self._w.to(self.scales.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting():
+            w = torch.onnx.ops.symbolic(
+                "DequantizeLinear", [self.codes, self.scales, self.zero_points],
+                {"axis": 1, "block_size": self.block}, dtype=torch.float32,
+                shape=self.codes.shape, version=21).reshape(self.weight_shape)
+        else:
+            w = self.dequantized_weight()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"weight={list(self.weight_shape)}, bits={self.bits}, block={self.block}, "
+                f"groups={self.groups}")
+
+
+def quantize_conv_weight(conv: nn.Conv2d, bits: int, block: int, symmetric: bool,
+                         mse_grid: int = 0) -> GroupQuantized:
+    """RTN block quantization of a Conv kernel flattened to rows, padded to whole blocks."""
+    from .weight_only import rtn
+
+    w = conv.weight.detach().float().cpu().flatten(1)
+    pad = -w.shape[1] % block
+    if pad:
+        # Repeat the row's last value rather than zeros, so padding never widens a block's range.
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], 1)
+    return rtn(w, bits, block, symmetric, mse_grid)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 VERSION = "v1"
 ARCH = "vit_tiny_patch16_224"
-KWARGS = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4,
-              num_heads=4)
+KWARGS = {"img_size": 16, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 64,
+          "depth": 4, "num_heads": 4}
 SEED = 0
 TEST_FRACTION = 0.3
 EPOCHS = 80
@@ -80,7 +80,8 @@ def train(splits: dict[str, np.ndarray], log=print) -> tuple[torch.nn.Module, fl
     teacher = fit_teacher(splits["x_train"], splits["y_train"])
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
     steps_per_epoch = (len(x) + BATCH - 1) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch,
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR,
+                                                total_steps=EPOCHS * steps_per_epoch,
                                                 pct_start=0.05)
     g = torch.Generator().manual_seed(SEED)
     shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
@@ -113,7 +114,7 @@ def train(splits: dict[str, np.ndarray], log=print) -> tuple[torch.nn.Module, fl
 def _write_image_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
     from PIL import Image
 
-    for i, (im, label) in enumerate(zip(images, labels)):
+    for i, (im, label) in enumerate(zip(images, labels, strict=False)):
         d = folder / str(int(label))
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.round(im * 255 / 16).astype(np.uint8), mode="L").save(d / f"{i:04d}.png")
@@ -139,7 +140,8 @@ def build(out: Path, log=print) -> None:
     _write_image_folder(out / "calib_images", splits["raw_train"], splits["y_train"])
     _write_image_folder(out / "eval_images", splits["raw_test"], splits["y_test"])
     meta = {"arch": ARCH, "kwargs": KWARGS, "test_accuracy": acc, "epochs": EPOCHS, "seed": SEED,
-            "train_samples": int(len(splits["x_train"])), "test_samples": int(len(splits["x_test"])),
+            "train_samples": int(len(splits["x_train"])),
+            "test_samples": int(len(splits["x_test"])),
             "preprocess": {"input_size": [1, 16, 16], "mean": [MEAN], "std": [STD],
                            "interpolation": "bilinear", "crop_pct": 1.0},
             "train_seconds": round(time.time() - t0, 1)}

@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 import sys
 
 REPORT_SCHEMA_VERSION = 1
+
+
+def _finite_copy(value, path: str, replaced: list[str]):
+    if isinstance(value, float) or (hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0
+                                    and hasattr(value, "item")):
+        number = value.item() if hasattr(value, "item") else value
+        if isinstance(number, float) and not math.isfinite(number):
+            replaced.append(f"{path} ({number})")
+            return None
+        return number
+    if isinstance(value, dict):
+        return {str(k): _finite_copy(v, f"{path}.{k}" if path else str(k), replaced)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_copy(v, f"{path}.{i}", replaced) for i, v in enumerate(value)]
+    return value
+
+
+def strict_json(report: dict) -> str:
+    """report.json as strict JSON: NaN and Inf become null, with a warning naming each field.
+
+    ``json.dumps`` would write bare NaN, which strict parsers (JavaScript, jq, Go) refuse.
+    """
+    replaced: list[str] = []
+    clean = _finite_copy(report, "", replaced)
+    if replaced:
+        shown = ", ".join(replaced[:20]) + (f", ... ({len(replaced) - 20} more)"
+                                            if len(replaced) > 20 else "")
+        clean.setdefault("warnings", []).append(
+            f"values that were not finite numbers are written as null: {shown}")
+    return json.dumps(clean, indent=2, default=str, allow_nan=False)
 
 
 def _version(mod: str) -> str | None:

@@ -96,7 +96,7 @@ def keep_log_prob(p: torch.Tensor, u: torch.Tensor, alive: torch.Tensor | None,
 def group_benefits(locations: list[int], depth: int) -> torch.Tensor:
     """Weight of each group's saving: the fraction of blocks that run after its interpreter
     (a token dropped before block ``l`` saves ``depth - l`` blocks)."""
-    return torch.tensor([(depth - l) / depth for l in locations])
+    return torch.tensor([(depth - loc) / depth for loc in locations])
 
 
 def group_rewards(kept_fraction: torch.Tensor, correct: torch.Tensor, benefits: torch.Tensor,

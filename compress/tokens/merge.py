@@ -23,12 +23,17 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
     Tokens after the first ``protected`` alternate into sets A (even) and B (odd); each A token
     proposes its most similar B token and the ``r`` most similar proposals are merged. Returns
     ``(merge, r)`` where ``merge(x)`` sums merged tokens of any [B, N, C'] tensor (N -> N - r) and
-    ``r`` is the clamped count actually merged.
+    ``r`` is the clamped count actually merged; ``merge.select(x)`` keeps, for each token left,
+    the token it merged into (for positions, which cannot be summed).
     """
     n = metric.shape[1] - protected
     r = min(r, n // 2)
     if r <= 0:
-        return (lambda x: x), 0
+        def identity(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        identity.select = identity
+        return identity, 0
     with torch.no_grad():
         m = metric[:, protected:]
         m = m / m.norm(dim=-1, keepdim=True)
@@ -49,6 +54,15 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0) ->
         dst = dst.scatter_add(1, dst_idx.expand(-1, -1, c), moved)
         return torch.cat([keep, unm, dst], dim=1)
 
+    def select(x: torch.Tensor) -> torch.Tensor:
+        # The surviving representative of each token (what merge keeps, without the sums):
+        # position-like tensors that cannot be averaged follow the merge this way.
+        keep, rest = x[:, :protected], x[:, protected:]
+        src, dst = rest[:, ::2], rest[:, 1::2]
+        unm = src.gather(dim=1, index=unm_idx.expand(-1, -1, x.shape[-1]))
+        return torch.cat([keep, unm, dst], dim=1)
+
+    merge.select = select
     return merge, r
 
 

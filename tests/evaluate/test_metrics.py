@@ -4,6 +4,8 @@ from compress.evaluate.gate import gate_checks
 from compress.evaluate.metrics import (
     classification_fidelity,
     embedding_fidelity,
+    output_agreement,
+    parity_problem,
     retrieval_overlap,
     top1_accuracy,
 )
@@ -60,3 +62,19 @@ def test_token_map_fidelity_is_per_token_cosine():
     checks = gate_checks(gate, "image-classification", {}, m, 10)
     assert [c["metric"] for c in checks] == ["cosine_mean", "cosine_min"]
     assert checks[0]["passed"] and not checks[1]["passed"]
+
+
+def test_parity_treats_nan_and_inf_as_failure():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 10)).astype(np.float32)
+    assert parity_problem(ref, ref + 1e-4, 0.99) is None
+    for bad in (np.nan, np.inf):
+        out = ref.copy()
+        out[1, 2] = bad
+        # The old check was `cosine < min_cosine`, which is False for NaN: the export passed.
+        assert not output_agreement(ref, out)["cosine"] < 0.99
+        assert parity_problem(ref, out, 0.99) == (
+            "outputs hold NaN or Inf (torch 0, ONNX Runtime 1 of 30 values)")
+    assert parity_problem(np.full_like(ref, np.nan), np.full_like(ref, np.nan), 0.99) == (
+        "outputs hold NaN or Inf (torch 30, ONNX Runtime 30 of 30 values)")
+    assert parity_problem(ref, -ref, 0.99) == "cosine -1.0000 < export.parity_min_cosine 0.99"

@@ -128,3 +128,40 @@ def test_default_zero_points_with_a_padded_last_byte_are_dropped():
     np.testing.assert_array_equal(run(m), ref)
     np.testing.assert_array_equal(run(model(None)), ref)
     assert drop_default_zero_points(model(asym)) == 0
+
+
+def test_export_falls_back_to_torchscript_when_torch_export_fails(tmp_path):
+    """Data-dependent control flow stops torch.export; the TorchScript tracer records the path
+    taken for the example input, which is this model's behaviour on every input it gets here.
+    Which exporter wrote the file, and why dynamo did not, is kept for the report."""
+    from compress.export.onnx import exporter_used
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 4)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            if (y.sum() > -1e9).item():  # always true, but torch.export cannot know that
+                return y * 2
+            return y
+
+    handle = ModelHandle(task="image-classification", source="timm", name="dd",
+                         module=DataDependent().eval(), data_config={"input_size": (3, 2, 2)})
+    path = export_onnx(handle, tmp_path / "model.onnx")
+    used = exporter_used(handle, path)
+    assert used["exporter"] == "torchscript"
+    assert used["failed"] and used["failed"][0].startswith("dynamo: ")
+    x = torch.randn(5, 3, 2, 2)  # another batch size than the traced one
+    got = make_session(path).run(None, {"pixel_values": x.numpy()})[0]
+    np.testing.assert_allclose(got, handle.module(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_records_dynamo_when_it_works(tmp_path):
+    from compress.export.onnx import exporter_used
+
+    handle = ModelHandle(task="image-classification", source="timm", name="t",
+                         module=make_tiny_vit(), data_config={"input_size": (3, 32, 32)})
+    path = export_onnx(handle, tmp_path / "model.onnx")
+    assert exporter_used(handle, path) == {"exporter": "dynamo", "failed": []}

@@ -107,7 +107,8 @@ def test_bad_config_names_the_field(tmp_path):
         ExpeditConfig()
     text = ModelHandle(task="text-embedding", source="hf", name="bert",
                        module=torch.nn.Linear(2, 2))
-    with pytest.raises(UnsupportedModelError, match="passes.0: expedit works on timm"):
+    with pytest.raises(UnsupportedModelError,
+                       match="passes.0: expedit supports plain-token ViTs.*text encoder"):
         expedit(text, ExpeditConfig(ratio=0.5), ctx)
     with pytest.raises(RecipeError, match="passes.0.auto.max_accuracy_drop"):
         expedit(h, ExpeditConfig(auto=AutoSchedule(max_accuracy_drop=1.0)), ctx)

@@ -62,7 +62,7 @@ def test_class_token_kept_and_masks_hierarchical_in_the_model():
     _dropping_agents(m)
     rec = kept_patches(m, torch.randn(6, 3, 32, 32))
     assert [r["block"] for r in rec] == [0, 2, 4]
-    for a, b in zip(rec, rec[1:]):
+    for a, b in zip(rec, rec[1:], strict=False):
         assert not (b["keep"] & ~a["keep"]).any()             # nothing comes back
     assert 0 < rec[-1]["keep"].float().mean() < rec[0]["keep"].float().mean() < 1
 
@@ -168,12 +168,12 @@ def test_fixed_rate_prunes_every_image_alike_and_exports(tmp_path):
     # untrained interpreters keep everything under the threshold policy: make them drop
     _dropping_agents(m)
     rates = [0.75, 0.5, 0.5]
-    m._ia_red["keep_rates"] = dict(zip(("0", "2", "4"), rates))
+    m._ia_red["keep_rates"] = dict(zip(("0", "2", "4"), rates, strict=False))
     x = torch.randn(5, 3, 32, 32)
     rec = kept_patches(m, x)
     counts = [r["keep"].sum(1) for r in rec]
     assert [c.tolist() for c in counts] == [[12] * 5, [6] * 5, [3] * 5]   # 16 -> 12 -> 6 -> 3
-    for a, b in zip(rec, rec[1:]):
+    for a, b in zip(rec, rec[1:], strict=False):
         assert not (b["keep"] & ~a["keep"]).any()
     # the best-scored patches are the ones kept
     p0, k0 = rec[0]["p"], rec[0]["keep"]

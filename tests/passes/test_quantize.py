@@ -3,11 +3,17 @@ import pytest
 
 from compress import compress
 from compress.recipe import parse_recipe
+from tests.archs import ARCHS, arch_recipe, build_arch_files
 from tests.helpers import tiny_vit_recipe
 
 
 def _run(recipe_dict, out):
     return compress(parse_recipe(recipe_dict), out_dir=out)
+
+
+@pytest.fixture(scope="session")
+def arch_files(tmp_path_factory):
+    return build_arch_files(tmp_path_factory)
 
 
 def test_w8a8_tiny_vit_exports_qdq_that_ort_runs_like_torch(tmp_path, tiny_vit_files):
@@ -170,7 +176,8 @@ def test_opt_m_softmax_and_gelu_on_tiny_bert(tmp_path, tiny_bert_dir, sentences)
     assert all(p["cosine"] > 0.995 for p in r["export"]["parity"])  # see above: no-VNNI x86
 
 
-@pytest.mark.parametrize("opt_m, expected", [(True, ["gelu"]), (False, []), ("softmax", ["softmax"]),
+@pytest.mark.parametrize("opt_m, expected", [(True, ["gelu"]), (False, []),
+                                             ("softmax", ["softmax"]),
                                              (["gelu", "softmax"], ["gelu", "softmax"])])
 def test_opt_m_accepts_bool_for_post_gelu(opt_m, expected):
     from compress.passes.quantize import ActivationQuant
@@ -215,3 +222,124 @@ def test_minilm_fast_int8_cosine(tmp_path):
     assert r["export"]["op_histogram"]["com.microsoft::QAttention"] == 6
     assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])
     assert result.gate_passed
+
+
+# --------------------------------------------------------------------------- any architecture
+W8A8 = [{"type": "quantize", "weights": {"bits": 8}, "activations": {"bits": 8}}]
+FAST = [{"type": "smooth_quant", "alpha": "search"},
+        {"type": "quantize", "activations": {"bits": 8, "observer": "mse"},
+         "attention_matmuls": False, "fused_attention": True}]
+
+
+def _integer_ops(model_path, tmp_path):
+    """Op histogram of the graph ONNX Runtime actually runs (after its QDQ fusions)."""
+    from collections import Counter
+
+    from compress.export.ort import make_session
+
+    opt = tmp_path / "optimized.onnx"
+    make_session(model_path, 1, optimized_path=opt)
+    return Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_w8a8_quantizes_every_architecture(tmp_path, arch_files, arch):
+    """No attention module or LayerNorm -> Linear pair is required: CNNs get graph-level Q/DQ
+    that ORT runs as QLinearConv, transformers get their Linear layers quantized."""
+    r = _run(arch_recipe(arch_files[arch], W8A8), tmp_path / "out").report
+    s = r["passes"][0]["summary"]
+    m = r["metrics"]["compressed"]
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])  # export holds
+    assert m["logits_rel_error"] < 0.1 and m["top1_agreement"] >= 0.8
+    ops = _integer_ops(tmp_path / "out" / "model.onnx", tmp_path)
+    if arch in ("resnet", "convnext"):
+        assert s["engine"] == "onnx"
+        assert ops["QLinearConv"] >= 4 and "Conv" not in ops  # every Conv runs integer
+        assert r["size"]["ratio"] > 2.5  # tiny: biases and LayerNorm params stay float
+    else:
+        assert s["engine"] == "torch" and s["quantized_layers"] >= 6
+        assert s["unobserved_layers"] == 0  # EVA's qkv runs through its (quantized) module
+        assert ops["MatMulIntegerToFloat"] >= 6
+        assert any("attention_matmuls" in note for note in s["skipped"])
+
+
+@pytest.mark.parametrize("arch", ["resnet", "swin"])
+def test_fast_int8_skips_what_does_not_apply(tmp_path, arch_files, arch):
+    r = _run(arch_recipe(arch_files[arch], FAST, export={"ort_cpu_kernels": True,
+                                                          "verify_batch_sizes": [1, 3]}),
+             tmp_path / "out").report
+    smooth, quant = r["passes"][0]["summary"], r["passes"][1]["summary"]
+    m = r["metrics"]["compressed"]
+    assert m["logits_rel_error"] < 0.1 and m["top1_agreement"] >= 0.8
+    if arch == "resnet":
+        assert smooth["groups"] == 0 and "nothing smoothed" in smooth["skipped"][0]
+        assert quant["engine"] == "onnx"
+    else:
+        # Swin: norm2 -> fc1 and patch merging smoothed (folded), window attention not fused
+        assert smooth["groups"] == 3 and smooth["folded"] == 3
+        assert quant["fused_attention"] == 0
+        assert any("fused_attention" in note for note in quant["skipped"])
+
+
+def test_layer_that_never_runs_is_reported_not_a_crash(tmp_path, tiny_vit_files):
+    """A head the calibration data never reaches has no activation range: its input stays
+    float and the report says so (was: ActQuantizer.freeze() before any data was observed)."""
+    import torch
+    from torch import nn
+
+    from compress.calibration import observe_activations
+    from compress.context import PassContext, PassReport
+    from compress.data import Dataset
+    from compress.models.handle import ModelHandle
+    from compress.passes.quantize import QuantizeConfig, quantize
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(12, 8)
+            self.head = nn.Linear(8, 4)
+            self.unused_head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.body(x.flatten(1)))
+
+    handle = ModelHandle(task="image-classification", source="timm", name="toy",
+                         module=TwoHeads().eval(), data_config={"input_size": (3, 2, 2)})
+    calib = Dataset({"pixel_values": torch.randn(16, 3, 2, 2)})
+    report = PassReport(index=0, type="quantize")
+    ctx = PassContext(index=0, calib=calib, device=torch.device("cpu"), workdir=tmp_path,
+                      out_dir=tmp_path, report=report, batch_size=8)
+    quantize(handle, QuantizeConfig(engine="torch"), ctx)
+    assert report.summary["unobserved_layers"] == 1
+    assert "unused_head" in report.summary["skipped"][-1]
+    assert report.layers["unused_head"]["act_bits"] is None
+    assert report.layers["head"]["act_bits"] == 8
+    assert observe_activations is not None
+
+
+def test_ort_quantize_on_an_onnx_cnn_from_elsewhere_runs_integer_convs(tmp_path, arch_files):
+    """An ONNX CNN without its torch model gets W8A8 at the graph level; with op_types auto the
+    Conv outputs, residual Adds and pooling are quantized too, so ORT runs QLinearConv."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    f = arch_files["resnet"]
+    model = timm.create_model(f["name"], pretrained=False, **f["kwargs"]).eval()
+    model.load_state_dict(load_file(str(f["dir"] / "model.safetensors")))
+    onnx_path = tmp_path / "resnet.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(onnx_path), dynamo=False,
+                      input_names=["pixel_values"], output_names=["logits"],
+                      dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    recipe = {"version": 1, "model": {"source": "onnx", "path": str(onnx_path),
+                                      "task": "image-classification"},
+              "calibration": {"path": str(f["dir"] / "calib.npz"), "batch_size": 16},
+              "evaluation": {"path": str(f["dir"] / "eval.npz"), "batch_size": 8,
+                             "latency": {"enabled": False}},
+              "passes": [{"type": "ort_quantize"}]}
+    r = _run(recipe, tmp_path / "out").report
+    assert "Add" in r["passes"][0]["summary"]["op_types"]  # auto -> all for a conv graph
+    ops = _integer_ops(tmp_path / "out" / "model.onnx", tmp_path)
+    assert ops["QLinearConv"] >= 4 and "Conv" not in ops
+    m = r["metrics"]["compressed"]
+    assert m["logits_rel_error"] < 0.1 and m["top1_agreement"] >= 0.8

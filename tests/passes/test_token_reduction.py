@@ -110,7 +110,7 @@ def test_minilm_token_prune_keeps_cosine(tmp_path):
 
 
 def test_evit_report_pictures_kept_patches(tmp_path):
-    from compress.passes.token_reduction import kept_patch_masks
+    from compress.tokens.pictures import kept_patch_masks
 
     h, ctx = _handle(), _ctx(tmp_path, n=8)
     evit(h, EvitConfig(keep_rate=0.6, locations=[1, 3], plot_images=2), ctx)

@@ -7,11 +7,17 @@ import torch
 from compress import compress
 from compress.errors import RecipeError
 from compress.recipe import parse_recipe
+from tests.archs import arch_recipe, build_arch_files
 from tests.helpers import tiny_vit_recipe
 
 
 def _run(recipe_dict, out):
     return compress(parse_recipe(recipe_dict), out_dir=out)
+
+
+@pytest.fixture(scope="session")
+def arch_files(tmp_path_factory):
+    return build_arch_files(tmp_path_factory)
 
 
 def _ops(path):
@@ -104,3 +110,24 @@ def test_int4_bert_with_embeddings_and_packed_safetensors(tmp_path, tiny_bert_di
                                             "attention_mask": mask.numpy()})[0])
     cos = torch.nn.functional.cosine_similarity(ours, theirs, dim=1)
     assert (cos > 0.9999).all(), cos
+
+
+@pytest.mark.parametrize("arch", ["resnet", "swin"])
+def test_int4_weight_only_on_convnets_and_windowed_transformers(tmp_path, arch_files, arch):
+    """Conv kernels are block-quantized too (blocked DequantizeLinear -> Conv, 4-bit codes in
+    the file), so a CNN's file shrinks like a transformer's."""
+    r = _run(arch_recipe(arch_files[arch], [{"type": "weight_only", "bits": 4, "method": "rtn",
+                                             "block_size": 16}]), tmp_path / "out").report
+    assert all(p["cosine"] > 0.999 for p in r["export"]["parity"])  # ORT == torch simulation
+    m = r["metrics"]["compressed"]
+    assert m["logits_rel_error"] < 0.2
+    layers = {row["name"]: row for row in r["layers"]}
+    convs = [row for row in layers.values() if row["kind"] == "Conv2d"]
+    assert convs and all(row["weight_bits"] == 4 for row in convs)
+    proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    int4 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT4]
+    assert len(int4) == 2 * len(convs)  # codes and zero points of every Conv
+    if arch == "resnet":
+        assert r["size"]["ratio"] > 4  # tiny ResNet: almost every parameter is a Conv weight
+    else:
+        assert r["size"]["ratio"] > 2.5  # tiny Swin: norms, biases, position tables stay float

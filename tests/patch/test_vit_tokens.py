@@ -8,6 +8,7 @@ from compress.export.onnx import export_onnx
 from compress.export.ort import make_session
 from compress.models.handle import ModelHandle
 from compress.patch.vit_tokens import patch_vit
+from compress.tokens.plan import Merge, PrefixOnly, Prune
 from tests.helpers import make_tiny_vit
 
 
@@ -23,14 +24,14 @@ def test_empty_plan_is_exact_and_tome_keeps_outputs_close():
         ref = m(x)
         patch_vit(m, [None] * 6)
         torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
-        patch_vit(m, [("tome", 2)] * 6)
+        patch_vit(m, [Merge(2)] * 6)
         out = m(x)
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.9
     assert m._pool_weights.shape[1] == 17 - 6 * 2
     assert (m._pool_weights.sum(1) == 17).all()
 
 
-@pytest.mark.parametrize("plan", [[("tome", 3)] * 6, [None, ("evit", 0.5), None, ("evit", 0.5),
+@pytest.mark.parametrize("plan", [[Merge(3)] * 6, [None, Prune(0.5), None, Prune(0.5),
                                                       None, None]])
 def test_register_and_class_tokens_never_merged_or_dropped(plan):
     # test_vit with 2 register tokens: 3 prefix tokens ahead of 16 patches.
@@ -74,7 +75,7 @@ def test_unsupported_models_raise():
 @pytest.mark.slow  # one ONNX export: ~15-25 s on the 2-core machine
 def test_ort_matches_torch_at_several_batch_sizes(tmp_path):
     # ToMe, EViT and the prefix-only last block in one graph (one export keeps the test short).
-    plan = [("tome", 2), ("evit", 0.6), ("tome", 1), None, ("evit", 0.7), ("final",)]
+    plan = [Merge(2), Prune(0.6), Merge(1), None, Prune(0.7), PrefixOnly()]
     m = make_tiny_vit()
     patch_vit(m, plan)
     h = ModelHandle(task="image-classification", source="timm", name="t", module=m,

@@ -6,7 +6,7 @@ from compress.quant.mixed import LayerChoice, greedy_path, output_error, state_a
 
 def _choice(name, params, sens):
     cfgs = [(8, 8), (4, 8), (2, 8)]
-    return LayerChoice(name, cfgs, {c: params * c[0] for c in cfgs}, {c: 0 for c in cfgs},
+    return LayerChoice(name, cfgs, {c: params * c[0] for c in cfgs}, dict.fromkeys(cfgs, 0),
                        {c: params * c[0] / 8 for c in cfgs},
                        {(8, 8): 0.0, (4, 8): sens[0], (2, 8): sens[1]})
 
@@ -20,14 +20,14 @@ def test_greedy_lowers_cheapest_error_per_bit_first():
     assert [s.layer for s in path[1:3]] == ["c", "a"]
     assert path[-1].avg_weight_bits == pytest.approx(2.0)
     # Monotone: each step lowers the average.
-    assert all(p.avg_weight_bits > q.avg_weight_bits for p, q in zip(path, path[1:]))
+    assert all(p.avg_weight_bits > q.avg_weight_bits for p, q in zip(path, path[1:], strict=False))
     assert state_at(path, top, 1) == {"a": (8, 8), "b": (8, 8), "c": (4, 8)}
     assert path[2].predicted_error == pytest.approx(0.06)
 
 
 def test_byte_saving_skips_widths_that_save_no_bytes():
     cfgs = [(8, None), (6, None), (4, None)]
-    lc = LayerChoice("x", cfgs, {c: 10 * c[0] for c in cfgs}, {c: 0 for c in cfgs},
+    lc = LayerChoice("x", cfgs, {c: 10 * c[0] for c in cfgs}, dict.fromkeys(cfgs, 0),
                      {(8, None): 10, (6, None): 10, (4, None): 5},
                      {(8, None): 0, (6, None): 0.0, (4, None): 0.1})
     path = greedy_path([lc], 0.0, {"x": (8, None)}, saving="bytes")

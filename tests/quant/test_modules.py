@@ -1,7 +1,7 @@
-import pytest
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
@@ -16,7 +16,7 @@ def _export_and_run(module, args, path):
     prog.save(str(path))
     onnx.checker.check_model(str(path))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+    feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args, strict=False)}
     return sess.run(None, feed)[0], onnx.load(str(path))
 
 

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from compress.quant.weight_only import (
-    dequantize_groups, gptq, group_qparams, hessian, hqq, matmulnbits_tensors, pack_uint, rtn,
+    dequantize_groups,
+    gptq,
+    group_qparams,
+    hessian,
+    hqq,
+    matmulnbits_tensors,
+    pack_uint,
+    rtn,
     unpack_uint,
 )
 

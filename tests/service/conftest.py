@@ -95,27 +95,36 @@ def job_files(files: dict[str, Path], model: str = "model") -> dict:
             "eval": ("eval.npz", open(files["eval"], "rb"))}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+@contextmanager
+def database(kind: str, folder: Path):
+    """A fresh SQLite file or PostgreSQL schema; yields its SQLAlchemy URL."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'jobs.db'}"
         return
     import sqlalchemy as sa
 
-    schema = f"svc_{uuid.uuid4().hex[:12]}"
+    schema = f"t_{uuid.uuid4().hex[:12]}"
     try:
         admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     except sa.exc.OperationalError as e:
-        if os.environ.get("CI"):
+        if os.environ.get("CI"):  # CI has the server: a missing one is an error there
             raise
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {str(e).splitlines()[0]}")
     sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    try:
+        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    with database(request.param, tmp_path) as url:
+        yield url
 
 
 def make_settings(tmp_path: Path, db_url: str, **kw) -> Settings:

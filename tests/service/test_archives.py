@@ -96,7 +96,7 @@ def test_total_size_and_file_count_limits(tmp_path):
 
     src = make_zip(tmp_path / "big.zip", {"r.bin": os.urandom(2 << 20)})
     small = ArchiveLimits(max_bytes=1 << 20, max_files=100, max_ratio=200)
-    with pytest.raises(DataError, match="expands to more than 1 MB"):
+    with pytest.raises(DataError, match="expands to more than 1 MiB"):
         extract_archive(src, tmp_path / "out", small, "calib")
     many = make_zip(tmp_path / "many.zip", {f"{i}.txt": b"x" for i in range(101)})
     with pytest.raises(DataError, match="more than 100 files"):

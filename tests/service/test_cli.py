@@ -44,6 +44,9 @@ def test_submit_wait_download_and_job_commands(tmp_path, server, onnx_job_files)
 
     code, out = run(url, "status", job["id"])
     assert code == 0 and "succeeded" in out and "quality gate: passed" in out
+    code, out = run(url, "status", job["id"][:12])  # the 12 characters `list` shows
+    assert code == 0 and f"job {job['id']}" in out
+    assert "  verdict: smaller by " in out and ", no gate configured" in out
     code, out = run(url, "logs", job["id"])
     assert code == 0 and "finished: succeeded" in out
     code, out = run(url, "logs", "--follow", job["id"])
@@ -73,6 +76,7 @@ def test_submit_wait_exits_with_the_jobs_code(tmp_path, server, onnx_job_files):
     code, out = run(url, "submit", gated, *base)
     assert code == 3, out
     assert "gate_failed" in out and "quality gate: FAILED" in out
+    assert "  verdict: " in out and ", gate failed" in out
 
     code, out = run(url, "submit", write(tmp_path, onnx_recipe()), *base,
                     "--set", "passes.0.nope=1")
@@ -149,3 +153,84 @@ print(res.exit_code, res.output)
                          cwd=repo, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("2 ") and "pip install 'compress[service]'" in out.stdout
+
+
+# ------------------------------------------------------------------ short job ids (issue 15)
+
+JOB_IDS = ["abcd1111" + "0" * 24, "abcd2222" + "0" * 24, "ef012345" + "0" * 24]
+
+
+def _job(job_id: str) -> dict:
+    return {"id": job_id, "url": f"/v1/jobs/{job_id}", "name": f"job-{job_id[:4]}",
+            "state": "succeeded", "stage": "report", "progress": 1.0, "percent": 100.0,
+            "eta_seconds": None, "message": "", "error": None, "exit_code": 0,
+            "gate_passed": True, "created_at": "2026-01-01T00:00:00", "links": {}}
+
+
+@pytest.fixture
+def fake_service(monkeypatch):
+    """The CLI against an in-process fake of the list/get/cancel/delete/log/artifacts routes;
+    returns the request paths it saw."""
+    import httpx
+
+    import service.cli
+    from service.client import Client
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        seen.append(f"{request.method} {path}")
+        if path == "/v1/jobs":
+            offset = int(request.url.params.get("offset", 0))
+            page = JOB_IDS[offset:offset + 2]   # two per page: the resolver must follow pages
+            nxt = offset + 2 if offset + 2 < len(JOB_IDS) else None
+            return httpx.Response(200, json={"jobs": [_job(i) for i in page],
+                                             "total": len(JOB_IDS), "limit": 2,
+                                             "offset": offset, "next_offset": nxt})
+        job_id = path.split("/")[3]
+        if path.endswith("/log"):
+            return httpx.Response(200, text="log of " + job_id)
+        if path.endswith("/artifacts"):
+            return httpx.Response(200, json={"job_id": job_id, "artifacts": []})
+        if request.method == "DELETE":
+            return httpx.Response(204)
+        return httpx.Response(200, json=_job(job_id))
+
+    class FakeClient(Client):
+        def __init__(self, url, token):
+            super().__init__(url, token, http=httpx.Client(
+                base_url=url, transport=httpx.MockTransport(handler)))
+
+    monkeypatch.setattr(service.cli, "Client", FakeClient)
+    return seen
+
+
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["wait", "--no-progress"],
+                                     ["cancel"], ["delete"], ["download", "--no-progress"]])
+def test_every_job_command_takes_a_unique_id_prefix(fake_service, command, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = run("http://fake", *command[:1], "abcd2", *command[1:])
+    assert code == 0, out
+    full = JOB_IDS[1]
+    # the resolver reads both pages of the list, then every request names the full id
+    assert fake_service[:2] == ["GET /v1/jobs"] * 2
+    rest = fake_service[2:]
+    assert rest and all(f"/v1/jobs/{full}" in p for p in rest), fake_service
+    if command[0] in ("status", "cancel", "delete", "wait"):
+        assert full in out
+
+
+def test_ambiguous_short_or_unknown_prefix_exits_2(fake_service):
+    code, out = run("http://fake", "status", "abcd")
+    assert code == 2
+    assert "job id prefix 'abcd' is ambiguous: 2 jobs start with it" in out
+    assert JOB_IDS[0] in out and JOB_IDS[1] in out and JOB_IDS[2] not in out
+    code, out = run("http://fake", "cancel", "abc")
+    assert code == 2 and "unique prefix of at least 4 hex characters" in out
+    code, out = run("http://fake", "delete", "9999")
+    assert code == 2 and "no job id starts with '9999'" in out
+    # the resolver read every page of the list (three jobs, two per page)
+    assert fake_service.count("GET /v1/jobs") == 4  # 2 pages x 2 resolvable calls
+    assert not [p for p in fake_service if p.startswith(("POST", "DELETE"))]

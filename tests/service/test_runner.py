@@ -40,7 +40,7 @@ def running_pid(client, job_id: str, timeout: float = 60) -> int:
     raise AssertionError(f"job {job_id} never reached its latency stage")
 
 
-def process_gone(pid: int, timeout: float = 10) -> bool:
+def process_gone(pid: int, timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -193,3 +193,100 @@ def test_job_timeout_kills_and_fails_the_job(tmp_path, onnx_job_files):
         assert job["state"] == "failed" and job["error"]["type"] == "TimeoutError"
         assert "job_timeout_s=2" in job["error"]["message"]
         assert process_gone(pid)
+
+
+def test_memory_limit_fails_the_job_and_the_service_stays_up(tmp_path, onnx_job_files):
+    # 64 MiB is less than the preloaded library alone: the job's process is over at once
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", workers=1,
+                             job_memory_mb=64)
+    with running_service(settings) as c:
+        job = wait_for(c, submit(c, onnx_job_files, onnx_recipe()), timeout=60)
+        assert (job["state"], job["exit_code"]) == ("failed", 1)
+        assert job["error"]["type"] == "MemoryLimitExceeded"
+        assert "ran out of its memory limit of 64 MiB" in job["error"]["message"]
+        assert "ran out of its memory limit" in c.get(f"/v1/jobs/{job['id']}/log",
+                                                      headers=AUTH_A).text
+        assert c.get("/readyz").status_code == 200
+        c.app.state.settings.job_memory_mb = 0  # the same worker runs the next job unlimited
+        after = wait_for(c, submit(c, onnx_job_files, onnx_recipe()))
+        assert after["state"] == "succeeded", after["error"]
+
+
+def test_default_time_and_memory_limits():
+    from service.runner import job_limits
+    from service.settings import Settings
+
+    settings = Settings()
+    assert (settings.job_timeout_s, settings.job_memory_mb) == (7200, 16384)
+    limits = job_limits(settings)
+    assert (limits.timeout_s, limits.memory_bytes) == (7200, 16384 << 20)
+    assert limits.heartbeat_s == 10 and settings.stale_after_s >= 3 * limits.heartbeat_s
+    # a short stale_after_s brings the heartbeat down with it
+    assert job_limits(Settings(stale_after_s=6)).heartbeat_s == 2
+    unlimited = job_limits(Settings(job_timeout_s=0, job_memory_mb=0))
+    assert (unlimited.timeout_s, unlimited.memory_bytes) == (None, None)
+
+
+def test_job_errors_carry_no_server_path(tmp_path, db_url, onnx_job_files):
+    import json
+
+    import onnx
+
+    # an ONNX model whose weights live in an external file that was not uploaded
+    model = onnx.load(str(onnx_job_files["model"]))
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(model, str(ext / "m.onnx"), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    settings = make_settings(tmp_path, db_url, workers=1)
+    secret = str(settings.data_dir.resolve())
+    with running_service(settings) as c:
+        r = c.post("/v1/jobs", headers=AUTH_A, data={"recipe": onnx_recipe()},
+                   files={"model": ("m.onnx", open(ext / "m.onnx", "rb")),
+                          "eval": ("e.npz", open(onnx_job_files["eval"], "rb"))})
+        job = wait_for(c, r.json()["id"])
+        assert job["state"] == "failed" and job["error"]["message"]
+        assert secret not in json.dumps(job) and str(tmp_path) not in json.dumps(job)
+
+        # whatever a library puts in its message, the job's error is scrubbed on the way in
+        from service.runner import conclude_job
+
+        store = c.app.state.store
+        job_id = submit(c, onnx_job_files, onnx_recipe(latency=SLOW_LATENCY), model="slow")
+        running_pid(c, job_id)
+        claimed = store.get("tenant-a", job_id)
+        job_dir = settings.job_dir("tenant-a", job_id)
+        payload = {"type": "OSError", "exit_code": 1,
+                   "message": f"cannot open {job_dir}/inputs/w.bin or /opt/models/secret.bin",
+                   "errors": [{"loc": "model", "msg": f"see {job_dir.resolve()}/x"}]}
+        conclude_job(store, settings, claimed, "error", payload, job_dir / ".tmp-x", job_dir,
+                     job_dir / "job.log", 1)
+        shown = c.get(f"/v1/jobs/{job_id}", headers=AUTH_A).json()
+        assert shown["error"]["message"] == "cannot open inputs/w.bin or .../secret.bin"
+        assert shown["error"]["errors"] == [{"loc": "model", "msg": "see x"}]
+        assert shown["message"] == shown["error"]["message"]
+
+
+def test_downloads_carry_no_server_path(tmp_path, onnx_job_files):
+    import hashlib
+    import json
+
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", workers=1)
+    with running_service(settings) as c:
+        job_id = submit(c, onnx_job_files, onnx_recipe([{"type": "ort_quantize"}]))
+        assert wait_for(c, job_id)["state"] == "succeeded"
+        url = f"/v1/jobs/{job_id}"
+        report = c.get(f"{url}/report", headers=AUTH_A)
+        # the library records the inputs it read; the tenant sees them relative to the job
+        recorded = json.loads(report.text)["data"]["calibration"]["path"]
+        assert recorded in ("inputs/calib.npz", "calib.npz"), recorded
+        arts = c.get(f"{url}/artifacts", headers=AUTH_A).json()["artifacts"]
+        for a in arts:  # rewritten before the checksums were taken
+            got = c.get(a["url"], headers=AUTH_A)
+            assert hashlib.sha256(got.content).hexdigest() == a["sha256"]
+        texts = [report.text, c.get(f"{url}/report.html", headers=AUTH_A).text,
+                 c.get(f"{url}/artifacts/recipe.yaml", headers=AUTH_A).text,
+                 c.get(f"{url}/log", headers=AUTH_A).text,
+                 c.get(f"{url}/log", headers=AUTH_A, params={"follow": True}).text]
+        for text in texts:
+            assert str(tmp_path) not in text and "/tenants/" not in text

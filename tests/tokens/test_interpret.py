@@ -105,7 +105,7 @@ def test_reinforce_learns_to_drop_noise_and_keep_the_signal():
         return u
 
     stats = []
-    for step in range(150):
+    for _step in range(150):
         p, u, correct, kept = episode(4)
         rewards = group_rewards(kept, correct, benefits)
         loss = reinforce_loss(keep_log_prob(p, u, None, 1)[:, None], rewards,

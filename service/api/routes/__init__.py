@@ -1,0 +1,1 @@
+"""The API's routers; ``service.app.create_app`` includes each."""
