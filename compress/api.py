@@ -147,14 +147,13 @@ def _given_model_path(recipe: Recipe, override: str | None) -> str | None:
     """The model path as the user wrote it (never the resolved server path)."""
     if override:
         return str(override)
-    return recipe.model.weights if recipe.model.source == "timm" else recipe.model.path
+    return recipe.model.file_value
 
 
 def _resolve_model_path(recipe: Recipe, override: str | None, base: Path | None) -> Path | None:
     if override:
         return Path(override).expanduser().resolve()
-    spec = recipe.model
-    value = spec.weights if spec.source == "timm" else spec.path
+    value = recipe.model.file_value
     return resolve_path(value, base) if value else None
 
 
@@ -215,7 +214,7 @@ class Pipeline:
     def load(self) -> None:
         path = _resolve_model_path(self.recipe, self.overrides["model"], self.base)
         if path is not None and not path.exists():
-            field_name = "weights" if self.recipe.model.source == "timm" else "path"
+            field_name = self.recipe.model.file_field
             given = _given_model_path(self.recipe, self.overrides["model"])
             expected = ("a .safetensors or .pt weights file" if field_name == "weights" else
                         "a Hugging Face model folder" if self.recipe.model.source == "hf" else
@@ -417,8 +416,7 @@ class Pipeline:
         """The recipe as run, with files given on the command line (or uploaded to the
         service) by their names only: reports never show where the server keeps them."""
         data = self.recipe.model_dump(mode="json")
-        model_field = "weights" if self.recipe.model.source == "timm" else "path"
-        for key, section, field_name in (("model", "model", model_field),
+        for key, section, field_name in (("model", "model", self.recipe.model.file_field),
                                          ("calib", "calibration", "path"),
                                          ("eval", "evaluation", "path")):
             if self.overrides[key] and data.get(section):
@@ -529,6 +527,11 @@ class Pipeline:
                               gate_passed=report["gate"]["passed"], gate_failures=failures)
 
 
+def calib_override(calib: str | None) -> dict[str, str] | None:
+    """A --calib path stands in for calibration.path, even in a recipe without that section."""
+    return {"calibration.path": str(Path(calib).expanduser().resolve())} if calib else None
+
+
 def compress(recipe: Recipe | str | Path, *, model: str | None = None, calib: str | None = None,
              eval: str | None = None, out_dir: str | Path = "out",
              overrides: list[str] = (), progress: ProgressFn | None = None,
@@ -550,8 +553,7 @@ def compress(recipe: Recipe | str | Path, *, model: str | None = None, calib: st
         InputError (RecipeError, ModelLoadError, DataError) for bad input, PassError,
         ExportError for failures on valid input.
     """
-    # A --calib path may stand in for a recipe without a calibration section.
-    values = {"calibration.path": str(Path(calib).expanduser().resolve())} if calib else None
+    values = calib_override(calib)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides=list(overrides), values=values)
     elif overrides or values:

@@ -146,18 +146,13 @@ def run(recipe, model_path, calib_path, eval_path, out_dir, overwrite, overrides
     RECIPE is a YAML file or the name of a bundled recipe (see `compress recipe list`).
     """
     _setup_logging(verbose)
-    from pathlib import Path
-
-    from .api import compress
+    from .api import calib_override, compress
     from .recipe import load_recipe
 
     try:
-        # The recipe is checked before --out: a bad recipe is the first thing to fix. A --calib
-        # path stands in for calibration.path, as compress() does.
-        values = {"calibration.path": str(Path(calib_path).expanduser().resolve())} \
-            if calib_path else None
+        # The recipe is checked before --out: a bad recipe is the first thing to fix.
         loaded = load_recipe(resolve_recipe_arg(recipe), overrides=list(overrides),
-                             values=values)
+                             values=calib_override(calib_path))
         check_out_dir(out_dir, overwrite)
     except Exception as e:  # noqa: BLE001 - mapped to exit codes
         _fail(e, as_json)

@@ -202,6 +202,15 @@ class ModelSpec(StrictModel):
         return self
 
     @property
+    def file_field(self) -> str:
+        """The field that names the model's file: ``weights`` for timm, ``path`` otherwise."""
+        return "weights" if self.source == "timm" else "path"
+
+    @property
+    def file_value(self) -> str | None:
+        return getattr(self, self.file_field)
+
+    @property
     def resolved_task(self) -> Task:
         if self.task:
             return self.task

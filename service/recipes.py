@@ -12,18 +12,17 @@ it can see. The other ways a recipe could name a file are closed by the schema i
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path, PurePosixPath
 
 import yaml
 
 from compress import reference
+from compress.bundled import bundled_recipe_path
 from compress.errors import RecipeError
 from compress.recipe import Recipe, parse_recipe
 
 log = logging.getLogger("compress.service")
 
-RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # upload field -> what it replaces in the recipe
 UPLOAD_TARGETS = {"model": "model", "calib": "calibration.path", "eval": "evaluation.path"}
 
@@ -45,10 +44,8 @@ def bundled_recipes(recipes_dir: Path) -> list[dict]:
 
 
 def bundled_recipe_text(recipes_dir: Path, name: str) -> str | None:
-    if not RECIPE_NAME.match(name):
-        return None
-    path = recipes_dir / f"{name.removesuffix('.yaml')}.yaml"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    path = bundled_recipe_path(name, recipes_dir)
+    return path.read_text(encoding="utf-8") if path is not None else None
 
 
 def _reference_problem(value: str) -> str | None:
@@ -64,9 +61,7 @@ def _reference_problem(value: str) -> str | None:
 
 def path_fields(recipe: Recipe) -> dict[str, str | None]:
     """The recipe's file paths by field path (what an upload can replace)."""
-    model_field = "model.weights" if recipe.model.source == "timm" else "model.path"
-    model_value = recipe.model.weights if recipe.model.source == "timm" else recipe.model.path
-    return {model_field: model_value,
+    return {f"model.{recipe.model.file_field}": recipe.model.file_value,
             "calibration.path": recipe.calibration.path if recipe.calibration else None,
             "evaluation.path": recipe.evaluation.path}
 

@@ -10,8 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The bundled recipes sit beside the package in a source checkout (the README's setup).
-BUNDLED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from compress.bundled import RECIPES_DIR as BUNDLED_RECIPES
 
 
 def parse_tokens(value: str | dict[str, str] | None) -> dict[str, str]:
