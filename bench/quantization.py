@@ -46,7 +46,7 @@ MODELS = {
     "deit": ({"fast": RECIPES / "deit_small_int8_fast.yaml",
               "w8a8": RECIPES / "deit_small_w8a8.yaml"}, [8], []),
     "minilm": ({"fast": RECIPES / "minilm_int8_fast.yaml",
-                "w8a8": RECIPES / "minilm_w8a8.yaml"}, [8, 32], []),
+                "w8a8": RECIPES / "minilm_w8a8.yaml"}, [1, 8, 32], []),
 }
 OURS = {"fast": "compress INT8 fast (ours)", "w8a8": "compress W8A8 (ours, attention int8)"}
 

@@ -7,7 +7,6 @@ against torch, evaluate both ONNX models, time them, gate, write report.json and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ import torch
 import yaml
 
 from . import __version__
+from .checksums import sha256_file
 from .context import PassContext, PassReport
 from .data import Dataset, load_dataset
 from .errors import (
@@ -37,15 +37,17 @@ from .errors import (
 )
 from .evaluate.gate import describe_failure, gate_checks, performance_checks
 from .evaluate.metrics import output_agreement, parity_problem, task_metrics
+from .export.metadata import HF_CONSUMER_FILES, describe_source, write_output_metadata
 from .export.onnx import export_onnx, onnx_files, onnx_size_bytes, op_histogram, slim_onnx
 from .export.ort import default_threads, make_session, measure_latencies, predict_onnx
-from .export.ort_lowering import lower_file
+from .export.ort_lowering import lower_file, round_embedding_tables
 from .models import ModelHandle, load_model
 from .paths import resolve_path
 from .quant.graph import apply_pending as apply_graph_quantization
 from .recipe import Recipe, load_recipe, recipe_base_dir
 from .registry import get_pass
 from .report import REPORT_SCHEMA_VERSION, environment_info, strict_json, write_html
+from .report.card import write_model_card
 from .report.plots import latency_plot, layer_plot
 from .report.verdict import verdict
 from .specs import CalibrationSpec, EvaluationSpec
@@ -99,14 +101,6 @@ class _Progress:
     def update(self, fraction: float, message: str) -> None:
         if self.fn is not None:
             self.fn(self.stage, min(1.0, self.done + STAGES.get(self.stage, 0) * fraction), message)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pick_device(wanted: str) -> torch.device:
@@ -226,6 +220,8 @@ class Pipeline:
         # Counted now, before any pass: quantized layers keep their weights as buffers, so a
         # count after the passes would change with the recipe (205,258 vs 25,034).
         self.original_params = _original_param_count(self.handle)
+        # Hashes and timm's config come from the model as loaded, before passes patch it.
+        self.source_info = describe_source(self.handle, path, self.recipe.model.kwargs)
         if self.handle.module is not None:
             self.handle.to(self.device)
 
@@ -341,10 +337,12 @@ class Pipeline:
         if not torch_passes:
             self._copy_onnx(self.fp32_path, self.model_onnx)
             return
-        self._export(self.model_onnx)
         ex = self.recipe.export
+        if ex.int8_embeddings:  # torch computes what the int8 tables give: parity stays exact
+            round_embedding_tables(self.handle.module)
+        self._export(self.model_onnx)
         if ex.ort_cpu_kernels:
-            self.lowered = lower_file(self.model_onnx)
+            self.lowered = lower_file(self.model_onnx, int8_embeddings=ex.int8_embeddings)
         # ORT must agree with the torch model it came from, at several batch sizes.
         sess = make_session(self.model_onnx)
         for bs in ex.verify_batch_sizes:
@@ -366,6 +364,16 @@ class Pipeline:
             return
         self.compressed_torch = predict_torch(self.handle, self.eval,
                                               self.recipe.evaluation.batch_size, self.device)
+
+    def describe_output(self) -> None:
+        """ONNX metadata in every ONNX file of ``out`` and the files other tools read
+        (compress/export/metadata.py); the model card is written from what this returns."""
+        paths = [self.model_onnx] + ([self.fp32_path] if self.fp32_path.parent == self.out
+                                     else [])
+        self.output_metadata = write_output_metadata(
+            self.out, paths, handle=self.handle, source=self.source_info,
+            recipe=self._recipe_as_shown(), max_length=self.recipe.evaluation.max_length,
+            eval_path=_resolve_data(self.recipe.evaluation, self.overrides["eval"], self.base))
 
     def evaluate(self) -> None:
         ev = self.recipe.evaluation
@@ -445,7 +453,7 @@ class Pipeline:
             rel = f.relative_to(self.out).as_posix()
             if rel in ("report.json", "report.html") or rel.startswith("."):
                 continue
-            artifacts.append({"name": rel, "bytes": f.stat().st_size, "sha256": _sha256(f)})
+            artifacts.append({"name": rel, "bytes": f.stat().st_size, "sha256": sha256_file(f)})
         self.gate = self.gate + performance_checks(
             self.recipe.evaluation.gate, self.latency_result.get("speedup"), comp_size)
         gate_passed = all(c["passed"] for c in self.gate)
@@ -489,6 +497,8 @@ class Pipeline:
             + ([] if self.eval is self.calib else self.eval.notes),
         }
         report["verdict"] = verdict(report)
+        report["export"]["metadata"] = {k: v for k, v in self.output_metadata.items()
+                                        if k != "io"}
         return report
 
     def run(self) -> CompressResult:
@@ -511,6 +521,7 @@ class Pipeline:
                 self.run_passes("onnx")
                 if any(get_pass(p.type).stage == "onnx" for p in self.recipe.passes):
                     slim_onnx(self.model_onnx)   # ORT's quantizers write value_info and docs
+                self.describe_output()
             with self.stage("evaluate"):
                 self.evaluate()
             with self.stage("latency"):
@@ -521,6 +532,7 @@ class Pipeline:
                 report_path = self.out / "report.json"
                 report_path.write_text(strict_json(report))
                 html_path = write_html(report, self.out, self.out / "report.html")
+                write_model_card(report, self.out, self.output_metadata)
         failures = [describe_failure(c) for c in report["gate"]["checks"] if not c["passed"]]
         return CompressResult(out_dir=self.out, report=report, model_path=self.model_onnx,
                               report_path=report_path, html_path=html_path,
@@ -575,6 +587,6 @@ def compress(recipe: Recipe | str | Path, *, model: str | None = None, calib: st
 def clean_out_dir(out: Path) -> None:
     """Remove the files a previous run left in ``out`` (used by the CLI's --overwrite)."""
     for name in ("model.onnx", "model.onnx.data", "model.fp32.onnx", "model.fp32.onnx.data",
-                 "report.json", "report.html", "recipe.yaml"):
+                 "report.json", "report.html", "recipe.yaml", "README.md", *HF_CONSUMER_FILES):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "plots", ignore_errors=True)

@@ -1,7 +1,10 @@
 """The bundled recipes (recipes/*.yaml), found by name.
 
-Read as plain YAML on purpose: `compress recipe list` and name lookup must not import the pass
-registry (torch and every pass) just to show a catalog. `compress recipe validate` checks them.
+They are package data: ``compress/bundled_recipes`` is a link to ``recipes/`` in a source
+checkout and, in an installed wheel, a folder holding copies of them; this module is the one place
+that finds them. Read as plain YAML on purpose: `compress recipe list` and name lookup must not
+import the pass registry (torch and every pass) just to show a catalog. `compress recipe
+validate` checks them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# Resolved, so that a checkout names them recipes/NAME.yaml (the path its users edit).
+RECIPES_DIR = (Path(__file__).resolve().parent / "bundled_recipes").resolve()
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 

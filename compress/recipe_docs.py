@@ -26,6 +26,7 @@ from .specs import (
     ModelSpec,
     PreprocessSpec,
     TimmKwargs,
+    VimSpec,
 )
 
 INTRO = """# Recipe reference
@@ -139,6 +140,7 @@ def generate() -> str:
     sections = [
         ("model", ModelSpec, "Where the model comes from."),
         ("model.preprocess", PreprocessSpec, PreprocessSpec.__doc__),
+        ("model.vim", VimSpec, VimSpec.__doc__),
         ("calibration", CalibrationSpec,
          "Calibration data: an image folder (one subfolder per class), an .npz/.npy array of "
          "model-ready inputs, a .txt file (one sentence per line) or .jsonl. A seeded subset of "

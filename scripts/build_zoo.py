@@ -1,7 +1,7 @@
 """Build the model zoo offline: random-weight members, real-photo and real-text data.
 
 Usage: .venv/bin/python scripts/build_zoo.py [--out out/zoo] [--models a,b] [--tiny]
-       [--images 64] [--force]
+       [--images 64] [--eval-images 256] [--force]
 
 Writes, per member of ``compress.models.zoo.ZOO``, ``<out>/<key>/`` with the weights
 (timm: ``model.safetensors``; Hugging Face: a ``save_pretrained`` folder with a tokenizer) and
@@ -29,15 +29,18 @@ from compress.models.zoo import BY_KEY, ZOO, build_member  # noqa: E402
 CROP_PX = 320  # saved crop size: above every member's input (299 at most) after resizing
 
 
-def build_images(out: Path, n: int, seed: int = 0) -> None:
-    """``n`` calibration and ``n // 2`` evaluation crops of scikit-learn's sample photos."""
+def build_images(out: Path, n: int, n_eval: int, seed: int = 0) -> None:
+    """``n`` calibration and ``n_eval`` evaluation crops of scikit-learn's sample photos.
+
+    Evaluation gets its own random stream (seed + 1), so asking for more evaluation crops
+    leaves the calibration crops as they were."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images           # 2 photos, 427 x 640 RGB
-    rng = np.random.default_rng(seed)
-    for role, count in (("calib", n), ("eval", max(n // 2, 1))):
+    for role, count, stream in (("calib", n, seed), ("eval", n_eval, seed + 1)):
+        rng = np.random.default_rng(stream)
         d = out / "images" / role
         if d.is_dir() and len(list(d.glob("*.png"))) >= count:
             continue
@@ -67,7 +70,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("out/zoo"))
     ap.add_argument("--models", default="", help="comma-separated member keys (default: all)")
     ap.add_argument("--tiny", action="store_true", help="tiny CI configs (members that have one)")
-    ap.add_argument("--images", type=int, default=64, help="calibration crops (eval: half)")
+    ap.add_argument("--images", type=int, default=64, help="calibration crops")
+    ap.add_argument("--eval-images", type=int, default=256, help=(
+        "evaluation crops: 256 puts one flipped prediction at 0.4 points of top-1 agreement"))
     ap.add_argument("--force", action="store_true", help="rebuild members that exist")
     args = ap.parse_args()
     keys = [k for k in args.models.split(",") if k] or [m.key for m in ZOO]
@@ -77,7 +82,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    build_images(args.out, args.images)
+    build_images(args.out, args.images, args.eval_images)
     build_texts(args.out)
     index_path = args.out / "zoo.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}

@@ -21,11 +21,12 @@ import click
 from compress.cli import _Bar
 from compress.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 
-from .client import DEFAULT_URL, Client, ServiceError
+from .client import DEFAULT_URL, Client, LocalInputError, ServiceError
 
 
 def _exit_for(err: ServiceError) -> int:
-    return EXIT_BAD_INPUT if 400 <= err.status < 500 else EXIT_FAILURE
+    bad_input = isinstance(err, LocalInputError) or 400 <= err.status < 500
+    return EXIT_BAD_INPUT if bad_input else EXIT_FAILURE
 
 
 def job_exit_code(job: dict) -> int:
@@ -35,6 +36,15 @@ def job_exit_code(job: dict) -> int:
     if job.get("exit_code") is not None and job["state"] in ("gate_failed", "failed"):
         return job["exit_code"]
     return EXIT_FAILURE
+
+
+def error_json(err: ServiceError, code: int) -> dict:
+    """What `--json` prints for a request the service refused or could not take: the shape of
+    `compress run --json`'s errors, with the service's error envelope (field errors included)."""
+    body = err.body.get("error") if isinstance(err.body.get("error"), dict) else {}
+    return {"status": "error", "exit_code": code,
+            "error": {"type": type(err).__name__, "message": str(err), **body,
+                      **({"http_status": err.status} if err.status else {})}}
 
 
 def client_command(fn):
@@ -50,8 +60,11 @@ def client_command(fn):
         try:
             return fn(client, **kw)
         except ServiceError as e:
+            code = _exit_for(e)
+            if kw.get("as_json"):  # a pipeline step parses stdout: one JSON object, even now
+                click.echo(json.dumps(error_json(e, code)))
             click.echo(f"error: {e}", err=True)
-            sys.exit(_exit_for(e))
+            sys.exit(code)
         finally:
             client.close()
 

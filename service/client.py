@@ -27,6 +27,7 @@ FINISHED = ("succeeded", "gate_failed", "failed", "cancelled")
 RECIPE_PATHS = {"calibration.path": "calib", "evaluation.path": "eval"}
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 MIN_ID_PREFIX = 4
+CHECKSUMS = "SHA256SUMS"  # written beside downloaded artifacts
 
 
 class ServiceError(Exception):
@@ -40,6 +41,13 @@ class ServiceError(Exception):
     @property
     def errors(self) -> list[dict]:
         return self.body.get("error", {}).get("errors") or []
+
+
+class LocalInputError(ServiceError):
+    """A file that the request names is missing on this side: bad input (exit 2), no request."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
 
 
 class _ProgressReader:
@@ -146,7 +154,7 @@ class Client:
                     continue
                 p = Path(value).expanduser()
                 if not p.exists():
-                    raise ServiceError(0, f"--{key} {str(p)!r} does not exist")
+                    raise LocalInputError(f"--{key} {str(p)!r} does not exist")
                 if p.is_dir():
                     p = zip_folder(p, Path(tmp) / f"{p.name or key}.zip")
                 total += p.stat().st_size
@@ -230,7 +238,8 @@ class Client:
 
     def download(self, job_id: str, dest: str | Path, names: list[str] | None = None,
                  on_bytes: Callable[[int], None] | None = None) -> list[Path]:
-        """Fetch artifacts into ``dest``, verifying each SHA-256; returns the files written."""
+        """Fetch artifacts into ``dest``, verifying each SHA-256, and list them with their
+        checksums in ``dest/SHA256SUMS``; returns the files written (SHA256SUMS last)."""
         dest = Path(dest)
         wanted = self.artifacts(job_id)
         if names:
@@ -262,6 +271,12 @@ class Client:
                 raise ServiceError(0, f"{a['name']}: checksum mismatch after download")
             os.replace(part, target)
             written.append(target)
+        # What was verified, in `sha256sum -c` form (as the service keeps it beside the files):
+        # a later step or another machine checks the copy without asking the service again.
+        sums = [f"{a['sha256']}  {a['name']}\n" for a in wanted if a["name"] != CHECKSUMS]
+        if sums:
+            (dest / CHECKSUMS).write_text("".join(sums))
+            written.append(dest / CHECKSUMS)
         return written
 
     def recipes(self) -> list[dict]:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from compress.api import _sha256 as sha256_file  # the checksum the report's artifacts use
+from compress.checksums import sha256_file  # the checksum the report's artifacts use
 
 from .redact import redact_error
 from .settings import Settings

@@ -2,13 +2,14 @@
 same results in item order, the shared object sent once, and a failing item's error raised."""
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from compress import parallel
 from compress.parallel import ENV_ADDRESS, backend, map_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,52 +46,32 @@ def test_serial_when_nothing_is_configured(monkeypatch):
     assert map_tasks(_square_slowly, []) == []
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), old]))
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 80 << 20, "include_dashboard": False})
-    try:
-        yield cluster.address
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
 @pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_ray_fan_out_keeps_order_shares_once_and_raises(ray_address, monkeypatch):
-    import ray
+@pytest.mark.timeout(500)
+def test_ray_fan_out_keeps_order_shares_once_and_raises():
+    """The cluster scenario (tests/ray_cluster_scenario.py) runs in a child process.
 
-    monkeypatch.setenv(ENV_ADDRESS, ray_address)
-    assert backend() == "ray"
-    out = map_tasks(_square_slowly, range(6), description="squares")
-    assert ray.is_initialized()  # map_tasks joined the configured cluster itself
-    assert [v for v, _ in out] == [0, 1, 4, 9, 16, 25]
-    pids = {pid for _, pid in out}
-    assert os.getpid() not in pids and len(pids) == 2  # two 1-CPU tasks at a time
+    Ray's native driver ends its whole process when the local raylet stops answering, which a
+    loaded 2-core CI machine can provoke; inside the test process that took down the pytest-xdist
+    worker with no message (CI, stop 19). In a child process a wrong result still fails this test
+    (the scenario exits SCENARIO_FAILED with the assertion), and a Ray infrastructure death is
+    reported with Ray's output and retried once on a fresh cluster.
+    """
+    pytest.importorskip("ray")
+    from tests.ray_cluster_scenario import SCENARIO_FAILED
 
-    w = torch.randn(64, 16)
-    items = [torch.randn(32, 64) for _ in range(5)]
-    got = map_tasks(_project, items, shared=w)
-    want = [x @ w for x in items]
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(got, want, strict=True))
-
-    with pytest.raises(ValueError, match="item 3 is bad"):
-        map_tasks(_fail_on_three, range(6))
-
-    # two CPUs per task on a two-CPU node: one task at a time, the results the same
-    out1 = map_tasks(_square_slowly, range(6), num_cpus=2)
-    assert [v for v, _ in out1] == [0, 1, 4, 9, 16, 25]
-    monkeypatch.delenv(ENV_ADDRESS)  # not configured: serial, even in a connected process
-    assert parallel.backend() == "serial"
-    assert {pid for _, pid in map_tasks(_square_slowly, range(3))} == {os.getpid()}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    env.pop(ENV_ADDRESS, None)
+    outputs = []
+    for _attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "tests.ray_cluster_scenario"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=240)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0:
+            assert "scenario passed" in proc.stdout
+            return
+        assert proc.returncode != SCENARIO_FAILED, output[-6000:]
+        outputs.append(f"exit {proc.returncode}:\n{output[-3000:]}")
+    pytest.fail("the Ray cluster died twice before the scenario finished:\n"
+                + "\n---\n".join(outputs))

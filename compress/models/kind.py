@@ -12,6 +12,8 @@
     cnn           convolutions only (ResNet, ConvNeXt, EfficientNet, MobileNet, RegNet, ...)
     mlp           token-mixing MLPs without attention (MLP-Mixer, ResMLP, gMLP)
     text_encoder  a BERT-family encoder (``SentenceEmbedder`` or a transformers model)
+    vim           Vision Mamba (compress.models.vim): bidirectional state-space scans over
+                  patch tokens with a middle class token; ToP-ViM (top_vim) prunes its tokens
     onnx          an ONNX graph from elsewhere: only graph-level passes apply
 
 and ``require(kind, pass_name, supported)`` raises ``UnsupportedModelError`` (exit 2) naming the
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-KINDS = ("plain_vit", "windowed_vit", "hybrid", "cnn", "mlp", "text_encoder", "onnx")
+KINDS = ("plain_vit", "windowed_vit", "hybrid", "cnn", "mlp", "text_encoder", "vim", "onnx")
 
 KIND_TEXT = {
     "plain_vit": "plain-token ViTs (a flat token sequence through `blocks`: ViT, DeiT, "
@@ -39,6 +41,7 @@ KIND_TEXT = {
     "cnn": "convolutional networks (ResNet, ConvNeXt, EfficientNet, MobileNet, RegNet)",
     "mlp": "MLP and recurrent token mixers (MLP-Mixer, ResMLP, gMLP, Sequencer)",
     "text_encoder": "BERT-family text encoders",
+    "vim": "Vision Mamba (bidirectional state-space models over patch tokens)",
     "onnx": "ONNX graphs",
 }
 
@@ -57,6 +60,7 @@ PASS_KINDS: dict[str, tuple[str, ...]] = {
     "expedit": ("plain_vit",),
     "ia_red": ("plain_vit",),
     "text_token_prune": ("text_encoder",),
+    "top_vim": ("vim",),
 }
 
 # timm classes by kind (a class not listed is sorted by structure).
@@ -129,12 +133,25 @@ def model_kind(model) -> ModelKind:
         model = model.module
     if isinstance(model, SentenceEmbedder):
         return _text_kind(model.transformer)
+    from .vim import VisionMamba
+
+    if isinstance(model, VisionMamba):
+        return _vim_kind(model)
     inner = getattr(model, "hf_model", None)   # HF image classifier wrapper (loaders)
     if inner is not None:
         return _hf_kind(inner)
     if type(model).__module__.startswith("transformers."):
         return _hf_kind(model)
     return _timm_kind(model)
+
+
+def _vim_kind(model: nn.Module) -> ModelKind:
+    depth = len(model.layers)
+    return ModelKind("vim", type(model).__name__, source="vim", prefix_tokens=1, depth=depth,
+                     features=("class_token", "middle_class_token", "bidirectional_ssm"),
+                     why=f"bidirectional state-space scans over patch tokens through {depth} "
+                     "layers, class token in the middle; attention-based token passes do not "
+                     "apply")
 
 
 def _text_kind(transformer: nn.Module) -> ModelKind:

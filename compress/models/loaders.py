@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import os
@@ -28,6 +29,8 @@ def load_model(spec: ModelSpec, path: Path | None) -> ModelHandle:
         return _load_timm(spec, path)
     if spec.source == "hf":
         return _load_hf(spec, path)
+    if spec.source == "vim":
+        return _load_vim(spec, path)
     return _load_onnx(spec, path)
 
 
@@ -58,8 +61,18 @@ def check_input_size(size: tuple, where: str) -> None:
             f"{MAX_CHANNELS} channels and sides of 1 to {MAX_IMAGE_SIDE} pixels")
 
 
+# Classes a training checkpoint may hold besides tensors and builtins, admitted to torch's
+# weights_only unpickler: DeiT-style main.py (Vim, DeiT) saves its argparse arguments under
+# "args". A Namespace is an attribute bag (no code runs to build it) and is dropped unread.
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint without unpickling arbitrary objects."""
+    """Read a checkpoint without unpickling arbitrary objects.
+
+    ``.pt``/``.pth`` files go through ``torch.load(weights_only=True)``, which admits tensors,
+    builtins and ``SAFE_CHECKPOINT_GLOBALS`` only; a training checkpoint's ``model`` (or
+    ``state_dict``, ...) entry is unwrapped and everything else in it is dropped."""
     if not path.is_file():
         raise ModelLoadError(f"weights file {path.name!r} does not exist; pass the .safetensors "
                              "or .pt file of the trained model (model.weights or --model)")
@@ -76,7 +89,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is bad input
         text = str(e).replace(str(path), path.name)
         why = (text.splitlines() or [type(e).__name__])[0][:300]
@@ -102,7 +116,12 @@ def _fmt_keys(keys: list[str]) -> str:
     return shown + f", ... ({len(keys) - MAX_LISTED_KEYS} more)"
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+TIMM_SHAPE_HINT = ("Check model.name and model.kwargs (e.g. num_classes, img_size) match the "
+                   "training run.")
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+                     hint: str = TIMM_SHAPE_HINT) -> None:
     """Raise ModelLoadError listing missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -118,9 +137,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], whe
         if shaped:
             parts.append(f"mis-shaped keys: {_fmt_keys(shaped)}")
         raise ModelLoadError(
-            f"{where} do not fit the architecture: " + "; ".join(parts) +
-            ". Check model.name and model.kwargs (e.g. num_classes, img_size) match the training "
-            "run.")
+            f"{where} do not fit the architecture: " + "; ".join(parts) + ". " + hint)
 
 
 def _load_timm(spec: ModelSpec, weights: Path | None) -> ModelHandle:
@@ -186,6 +203,84 @@ def _outputs_token_map(model: torch.nn.Module) -> bool:
     """True when a timm model returns its token map [B, N, C] (no pooling, no attention pool)."""
     return (getattr(model, "global_pool", None) == "" and
             getattr(model, "attn_pool", None) is None and hasattr(model, "blocks"))
+
+
+# --------------------------------------------------------------------------- Vision Mamba
+
+# Backward-direction parameters of a bidirectional (bimamba v2) mixer.
+VIM_BACKWARD_KEYS = ("A_b_log", "D_b", "conv1d_b.", "x_proj_b.", "dt_proj_b.")
+VIM_SHAPE_HINT = ("Check model.name and model.vim (embed_dim, depth, d_state, img_size, "
+                  "patch_size, num_classes) match the training run.")
+# Vim's evaluation preprocessing (DeiT's): ImageNet mean/std, bicubic resize, 0.875 crop.
+VIM_DATA_CONFIG = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                   "interpolation": "bicubic", "crop_pct": 0.875}
+
+
+def vim_config(spec: ModelSpec):
+    """The VimConfig a recipe names: ``model.name``'s config with ``model.vim`` on top."""
+    from .vim import VIM_CONFIGS, VimConfig
+
+    base = VIM_CONFIGS[spec.name] if spec.name else VimConfig()
+    overrides = spec.vim.overrides() if spec.vim is not None else {}
+    try:
+        return VimConfig(**{**base.__dict__, **overrides})
+    except ValueError as e:
+        raise ModelLoadError(f"model.vim does not describe a Vision Mamba: {e}") from None
+
+
+def _vim_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """A one-directional Mamba checkpoint loads strictly into the official code's non-fused
+    path and silently computes half the model; say so by name instead of listing 120 keys."""
+    missing = [k for k in model.state_dict() if k not in state]
+    backward = [k for k in missing if k.split(".")[-1] in ("A_b_log", "D_b") or
+                any(f".{p}" in k for p in VIM_BACKWARD_KEYS[2:])]
+    if missing and len(backward) == len(missing):
+        raise ModelLoadError(
+            f"{where} are a one-directional Mamba checkpoint: the backward-direction "
+            f"parameters of the bidirectional Vim mixer (A_b_log, D_b, conv1d_b, x_proj_b, "
+            f"dt_proj_b; {len(backward)} keys, e.g. {_fmt_keys(backward[:3])}) are missing. "
+            "source vim loads Vision Mamba (hustvl/Vim, bimamba v2) checkpoints only")
+    check_state_dict(model, state, where, VIM_SHAPE_HINT)
+
+
+def _load_vim(spec: ModelSpec, weights: Path | None) -> ModelHandle:
+    from .vim import VisionMamba
+
+    cfg = vim_config(spec)
+    notes = []
+    if weights is None:
+        # Seeded, so that two runs of the same recipe measure the same model.
+        torch.manual_seed(0)
+        model = VisionMamba(cfg)
+        notes.append("no model.weights: seeded random initialization (latency and pipeline "
+                     "checks only; accuracy is chance)")
+    else:
+        model = VisionMamba(cfg)
+        state = read_state_dict(weights)
+        _vim_mismatch(model, state, f"weights {weights.name!r}")
+        check_finite(state.items(), f"weights file {weights.name!r}")
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    chans = cfg.in_chans
+    data_config = {"input_size": (chans, cfg.img_size, cfg.img_size), **VIM_DATA_CONFIG}
+    for key in ("mean", "std"):
+        if len(data_config[key]) != chans:
+            data_config[key] = (sum(data_config[key]) / 3,) * chans
+    pp = spec.preprocess
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct"):
+        value = getattr(pp, key)
+        if value is not None:
+            data_config[key] = tuple(value) if isinstance(value, list) else value
+    if tuple(data_config["input_size"]) != (chans, cfg.img_size, cfg.img_size):
+        raise ModelLoadError(
+            f"model.preprocess.input_size {list(data_config['input_size'])} does not match the "
+            f"Vim's input [{chans}, {cfg.img_size}, {cfg.img_size}] (its position embedding is "
+            "fixed); set model.vim.img_size / in_chans instead")
+    name = spec.name or f"vim_d{cfg.embed_dim}x{cfg.depth}"
+    handle = ModelHandle(task="image-classification", source="vim", name=name, module=model,
+                         data_config=data_config)
+    handle.info["load_notes"] = notes
+    return handle
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -13,5 +13,6 @@ from . import (  # noqa: F401
     quantize,
     smooth_quant,
     token_reduction,
+    top_vim,
     weight_only,
 )

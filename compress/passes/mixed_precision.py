@@ -14,10 +14,19 @@ from ..errors import RecipeError
 from ..models.handle import ModelHandle
 from ..parallel import map_tasks
 from ..patch.attention import route_qkv_bias
-from ..quant.mixed import LayerChoice, greedy_path, output_error, state_at
+from ..quant.mixed import (
+    Fixed,
+    LayerChoice,
+    Step,
+    averages,
+    greedy_path,
+    output_error,
+    state_at,
+    stored_bits,
+    weight_storage_bytes,
+)
 from ..quant.modules import ActQuantizer, QuantLinear, TwoRegionActQuantizer
 from ..quant.observers import make_observer
-from ..quant.weight_only import container_bits
 from ..registry import PassConfig, register_pass
 from ..targeting import LayerPatterns, _matches, check_patterns, select_modules, set_submodule
 from .quantize import POST_GELU
@@ -33,7 +42,10 @@ class Budget(BaseModel):
     with size targets it is checked (a warning when missed)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    avg_weight_bits: float | None = Field(None, gt=0, description="parameter-weighted mean")
+    avg_weight_bits: float | None = Field(
+        None, gt=0, description="stored bits per weight, parameter-weighted mean: codes plus "
+        "scales and zero points (block-32 INT4 with fp32 scales = 5, asymmetric 5.125; "
+        "per-channel int8 = 8 + 40/in_features)")
     avg_act_bits: float | None = Field(None, gt=0, description="element-weighted mean")
     size_mb: float | None = Field(None, gt=0, description="estimated ONNX size")
     max_error: float | None = Field(None, gt=0, description="in the pass's metric")
@@ -60,7 +72,11 @@ class MixedPrecisionConfig(PassConfig):
     layer starts at the highest width; each (layer, lower width) is measured alone on
     calibration data (model output error against the float model, fanned out with
     ``compress.parallel.map_tasks``); then the layer with the smallest error rise per bit saved
-    is lowered, step by step, until the budget holds. Weights below 8 bits are block-quantized
+    is lowered, step by step, until the budget holds. Bits are stored bits: a weight's codes
+    plus its share of scales and zero points (block-32 INT4 with fp32 scales is 5 bits, 5.125
+    with zero points; per-channel int8 is 8 + 40/in_features), so ``budget.avg_weight_bits``
+    and the size budget rank layers alike and 3/5/6-bit weights (8-bit containers) never pay;
+    the report shows the nominal code widths beside. Weights below 8 bits are block-quantized
     (GPTQ by default) and exported as ``MatMulNBits`` (2, 4, 8 bits native; 3, 5, 6 simulated in
     the 8-bit container); W8A8 layers as INT8 Q/DQ; 4/6-bit activations are simulated with a
     clipped int8 range. ``overrides`` pin layers (``null`` keeps a layer float). The report
@@ -72,7 +88,7 @@ class MixedPrecisionConfig(PassConfig):
           ignore: [head]
           weight_bits: [2, 4, 8]
           act_bits: [8]
-          budget: {avg_weight_bits: 4.5}
+          budget: {avg_weight_bits: 5.5}   # stored bits per weight
           overrides: {'re:blocks\\.0\\..*': 8}
     """
 
@@ -96,7 +112,8 @@ class MixedPrecisionConfig(PassConfig):
     mse_grid: int = Field(0, ge=0, le=100, description="weight scale search: range-shrink steps "
                                                         "per block by MSE (0: min-max)")
     opt_m: bool = Field(
-        False, description="OPT-m: two-region 8-bit quantizer on post-GELU inputs (mlp.fc2, BERT "
+        False, description="OPT-m: two-region quantizer, 8 bits in all (iso-bit: two 7-bit "
+        "regions, or one 8-bit region where no tail pays), on post-GELU inputs (mlp.fc2, BERT "
         "output.dense), split and m searched by output error; needs act_bits")
     accuracy_level: Literal[0, 1, 4] = 4
     calibration_samples: int = Field(128, ge=1, le=100_000,
@@ -164,29 +181,19 @@ def measure_layer(t: SensitivityTask, s: SensitivityShared) -> dict[tuple, float
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def _layer_size(m: nn.Module, cfg: tuple | None, block: int, symmetric: bool = False) -> float:
-    n = m.weight.numel()
-    if cfg is None:
-        return 4.0 * n
-    w, a = cfg
-    if isinstance(m, nn.Linear) and w == 8 and a is not None:
-        return n + 5.0 * m.out_features            # int8 codes + fp32 scale + zp per channel
-    if isinstance(m, nn.Embedding):
-        c = w if w in (4, 8) else 8                # GatherBlockQuantized's containers
-    else:
-        c = container_bits(w)
-    # Symmetric zero points equal the operators' default and are dropped at export.
-    zero = 0.0 if symmetric else c / 8
-    blocks = n / block
-    return n * c / 8 + blocks * (4 + zero)
+def _layer_size(m: nn.Module, cfg: tuple | None, block: int, symmetric: bool = False,
+                float_zero: bool = False) -> float:
+    """Stored bytes of ``m``'s weight at ``cfg`` (``compress.quant.mixed.weight_storage_bytes``)."""
+    return weight_storage_bytes(m.weight.numel(), m.weight.shape[0], cfg, block=block,
+                                symmetric=symmetric, embedding=isinstance(m, nn.Embedding),
+                                float_zero=float_zero)
 
 
 def _searched_widths(m: nn.Module, widths: list[int]) -> list[int]:
     """Weight widths the search may give ``m``. An embedding is stored by GatherBlockQuantized,
     which holds 4- or 8-bit codes only: a 2-bit table would take 8-bit storage and lose
-    accuracy for nothing (it looks cheap only to the nominal average), so embeddings are
-    searched over 4 and 8 (8 alone when neither is listed). ``overrides`` can still pin any
-    width."""
+    accuracy for nothing, so embeddings are searched over 4 and 8 (8 alone when neither is
+    listed). ``overrides`` can still pin any width."""
     if not isinstance(m, nn.Embedding):
         return widths
     return [w for w in widths if w in (4, 8)] or [8]
@@ -231,172 +238,228 @@ def _act_quantizer(bits: int | None, rng: _ActRange | None) -> ActQuantizer | No
     return q
 
 
-@register_pass(MixedPrecisionConfig, needs_calibration=True)
-def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassContext) -> None:
-    prefix = f"passes.{ctx.index}."
-    module = model.module
-    route_qkv_bias(module)  # BEiT/EVA qkv would otherwise bypass the quantized module
+# ---- phase 0: which layers, and what the float model looks like -------------------------------
+
+@dataclass
+class LayerPlan:
+    """The targeted layers split by what the recipe asks of them."""
+
+    layers: dict[str, nn.Module]            # every targeted layer (float modules)
+    floats: dict[str, nn.Module]            # pinned to float (``null``)
+    pinned: dict[str, tuple]                # pinned to a (weight bits, act bits)
+    search: dict[str, nn.Module]            # searched
+
+    def drop(self, names: list[str]) -> None:
+        for n in names:
+            for d in (self.layers, self.pinned, self.search):
+                d.pop(n, None)
+
+
+def plan_layers(module: nn.Module, config: MixedPrecisionConfig, prefix: str) -> LayerPlan:
+    """Select the targeted layers and split them into float, pinned and searched ones."""
     layers = select_modules(module, config.targets, config.ignore, (nn.Linear, nn.Embedding),
                             field_prefix=prefix)
-    named = {n: m for n, m in module.named_modules() if n}
     for pattern in config.overrides:
-        if not any(_matches(pattern, n, m) for n, m in named.items() if n in layers):
+        if not any(_matches(pattern, n, m) for n, m in layers.items()):
             raise RecipeError(f"{prefix}overrides key {pattern!r} matches no targeted layer",
                               [(f"{prefix}overrides.{pattern}",
                                 f"targeted layers: {', '.join(list(layers)[:30])}")])
-    floats, pinned, search = {}, {}, {}
+    plan = LayerPlan(layers, {}, {}, {})
     top_a = config.act_bits[0] if config.act_bits else None
     for n, m in layers.items():
         hit, pin = _pin_for(n, m, config.overrides)
         if hit and pin is None:
-            floats[n] = m
+            plan.floats[n] = m
         elif hit:
             w = pin if isinstance(pin, int) else (pin.weight_bits or config.weight_bits[0])
             a = None if isinstance(m, nn.Embedding) else (
                 top_a if isinstance(pin, int) or pin.act_bits is None else pin.act_bits)
-            pinned[n] = (m, (w, a))
+            plan.pinned[n] = (w, a)
         else:
-            search[n] = m
-    check_block_sizes({n: m for n, m in layers.items() if n not in floats},
+            plan.search[n] = m
+    check_block_sizes({n: m for n, m in layers.items() if n not in plan.floats},
                       config.block_size, f"{prefix}block_size")
-    metric = config.metric if config.metric != "auto" else (
-        "cosine" if model.task == "text-embedding" else "kl")
+    return plan
 
-    # Float statistics: activation ranges and GPTQ Hessians from one calibration pass each.
+
+@torch.no_grad()
+def observe_ranges(model: ModelHandle, plan: LayerPlan, config: MixedPrecisionConfig,
+                   ctx: PassContext) -> dict[str, _ActRange]:
+    """Input ranges of the targeted Linear layers on the float model (one calibration pass),
+    with OPT-m's two-region search on post-GELU inputs. Layers the data never reaches are
+    dropped from ``plan`` (they stay float) and named in the report."""
     opt_m = config.opt_m and bool(config.act_bits)
     ranges = {n: _ActRange(opt_m and bool(POST_GELU.fullmatch(n)))
-              for n, m in layers.items() if isinstance(m, nn.Linear)}
-    hooks = [layers[n].register_forward_pre_hook(r) for n, r in ranges.items()]
-    with torch.no_grad():
-        try:
-            for batch in ctx.calib_batches(config.calibration_samples):
-                model.forward(batch)
-        finally:
-            for h in hooks:
-                h.remove()
-    # Layers the calibration data never reaches have no activation range: they stay float.
+              for n, m in plan.layers.items() if isinstance(m, nn.Linear)}
+    hooks = [plan.layers[n].register_forward_pre_hook(r) for n, r in ranges.items()]
+    try:
+        for batch in ctx.calib_batches(config.calibration_samples):
+            model.forward(batch)
+    finally:
+        for h in hooks:
+            h.remove()
     unreached = [n for n, r in ranges.items() if r.obs.empty]
     for n in unreached:
-        del ranges[n], layers[n]
-        search.pop(n, None)
-        pinned.pop(n, None)
+        del ranges[n]
+    plan.drop(unreached)
     if unreached:
         ctx.report.summary["skipped"] = [
             f"{len(unreached)} layer(s) never ran on the calibration data and stay float: "
             f"{', '.join(unreached[:8])}"]
-    opt_m_layers = {}
     for n, r in ranges.items():
         if r.two_region is not None:
-            best = r.two_region.search(layers[n].weight.T)
-            opt_m_layers[n] = best
+            best = r.two_region.search(plan.layers[n].weight.T)
             ctx.report.add_layer(n, opt_m_split=round(float(best["split"]), 4),
-                                 opt_m_m=best["m"])
-    ctx.progress(0.05, "activation ranges observed")
+                                 opt_m_m=best["m"], opt_m_region_bits=best["region_bits"])
+    return ranges
 
-    gq_cache: dict[tuple[str, int], object] = {}
 
-    def build(name: str, cfg: tuple) -> nn.Module:
-        m = layers[name]
+class LayerBuilder:
+    """A targeted layer's quantized replacement for a (weight bits, act bits) configuration.
+
+    W8 with activations is an int8 Q/DQ ``QuantLinear``; anything else block-quantized
+    (``make_nbits``), its weight quantized once per (layer, width) and cached. ``hessians``
+    (GPTQ) are collected before the builder exists."""
+
+    def __init__(self, layers: dict[str, nn.Module], ranges: dict[str, _ActRange],
+                 hessians: dict[str, torch.Tensor], config: MixedPrecisionConfig):
+        self.layers, self.ranges, self.hessians, self.config = layers, ranges, hessians, config
+        self._weights: dict[tuple[str, int], object] = {}
+
+    def __call__(self, name: str, cfg: tuple) -> nn.Module:
+        m, c = self.layers[name], self.config
         w, a = cfg
         if isinstance(m, nn.Linear) and w == 8 and a is not None:
-            q = QuantLinear(m, 8, _act_quantizer(a, ranges[name]))
+            q = QuantLinear(m, 8, _act_quantizer(a, self.ranges[name]))
             q.quantize_weight()
             return q
         key = (name, w)
-        if key not in gq_cache:
-            method = config.method if w < 8 and isinstance(m, nn.Linear) else "rtn"
-            gq_cache[key] = quantize_weight(m.weight, w, config.block_size, config.symmetric,
-                                            method, hessians.get(name),
-                                            mse_grid=config.mse_grid)
-        aq = _act_quantizer(a, ranges.get(name)) if isinstance(m, nn.Linear) else None
-        return make_nbits(m, gq_cache[key], aq, config.accuracy_level)
+        if key not in self._weights:
+            method = c.method if w < 8 and isinstance(m, nn.Linear) else "rtn"
+            self._weights[key] = quantize_weight(m.weight, w, c.block_size, c.symmetric, method,
+                                                 self.hessians.get(name), mse_grid=c.mse_grid)
+        aq = _act_quantizer(a, self.ranges.get(name)) if isinstance(m, nn.Linear) else None
+        return make_nbits(m, self._weights[key], aq, c.accuracy_level)
 
-    # Every layer's candidate configurations (weight x activation widths).
+
+def _float_zero(m: nn.Module, cfg: tuple, config: MixedPrecisionConfig) -> bool:
+    """HQQ keeps fp32 zero points (in the block-quantized Linear layers below 8 bits)."""
+    return config.method == "hqq" and isinstance(m, nn.Linear) and cfg[0] < 8
+
+
+def layer_choices(plan: LayerPlan, ranges: dict[str, _ActRange],
+                  config: MixedPrecisionConfig) -> list[LayerChoice]:
+    """Every searched layer's candidate (weight x activation) widths, highest first, with
+    their activation cost and stored weight bytes."""
     a_list = config.act_bits or [None]
-    choices: list[LayerChoice] = []
-    for n, m in search.items():
+    choices = []
+    for n, m in plan.search.items():
         acts = [None] if isinstance(m, nn.Embedding) else a_list
         cfgs = [(w, a) for w in _searched_widths(m, config.weight_bits) for a in acts]
         cfgs.sort(key=lambda c: (-c[0], -(c[1] or 32)))
-        params = m.weight.numel()
         elements = ranges[n].elements if n in ranges else 0
         choices.append(LayerChoice(
-            n, cfgs, {c: params * c[0] for c in cfgs},
-            {c: elements * (c[1] or 0) for c in cfgs},
-            {c: _layer_size(m, c, config.block_size, config.symmetric) for c in cfgs}))
+            n, m.weight.numel(), cfgs, {c: elements * (c[1] or 0) for c in cfgs},
+            {c: _layer_size(m, c, config.block_size, config.symmetric,
+                            _float_zero(m, c, config)) for c in cfgs}))
+    return choices
 
-    # Fixed contributions to the averages and the size.
-    w_fixed = [0.0, 0.0]
-    a_fixed = [0.0, 0.0]
-    fixed_bytes = 0.0
-    for n, (m, (w, a)) in pinned.items():
-        w_fixed[0] += m.weight.numel() * w
-        w_fixed[1] += m.weight.numel()
+
+def fixed_costs(module: nn.Module, plan: LayerPlan, ranges: dict[str, _ActRange],
+                config: MixedPrecisionConfig) -> Fixed:
+    """Pinned layers' bits and everything not searched, for the averages and the size."""
+    nominal = stored = params = a_bits = a_elems = 0.0
+    for n, (w, a) in plan.pinned.items():
+        m = plan.layers[n]
+        nominal += m.weight.numel() * w
+        stored += _layer_size(m, (w, a), config.block_size, config.symmetric,
+                              _float_zero(m, (w, a), config))
+        params += m.weight.numel()
         if a is not None and n in ranges:
-            a_fixed[0] += ranges[n].elements * a
-            a_fixed[1] += ranges[n].elements
-        fixed_bytes += _layer_size(m, (w, a), config.block_size, config.symmetric)
+            a_bits += ranges[n].elements * a
+            a_elems += ranges[n].elements
     # Buffers are exported too (BERT's position_ids and token_type_ids: 8 kB of int64).
-    total_param_bytes = sum(p.numel() * 4.0 for p in _float_params(module, layers)) + sum(
+    other = sum(p.numel() * 4.0 for p in _float_params(module, plan.layers)) + sum(
         b.numel() * b.element_size() for b in module.buffers())
-    fixed_bytes += total_param_bytes + sum(4.0 * m.weight.numel() for m in floats.values())
-    b = config.budget
-    _check_feasible(config, choices, pinned, ranges, w_fixed, a_fixed, fixed_bytes, prefix)
+    other += sum(4.0 * m.weight.numel() for m in plan.floats.values())
+    return Fixed(nominal, stored, params, a_bits, a_elems, other)
 
-    linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear) and n not in floats}
-    hessians = collect_hessians(model, linears, ctx, config.calibration_samples) \
-        if config.method == "gptq" else {}
-    ctx.progress(0.15, "Hessians collected")
 
-    # The starting model: searched layers at their top config, pinned layers at theirs.
-    top = {c.name: c.configs[0] for c in choices}
-    for n, (_, cfg) in pinned.items():
-        set_submodule(module, n, build(n, cfg))
-    top_modules = {n: build(n, cfg) for n, cfg in top.items()}
-    for n, q in top_modules.items():
-        set_submodule(module, n, q)
+# ---- phase 1: sensitivities ---------------------------------------------------------------------
 
-    batches = list(ctx.calib.take(config.sensitivity_samples).batches(ctx.batch_size, ctx.device))
-    reference = []
-    with torch.no_grad():
-        for n, m in layers.items():
-            set_submodule(module, n, m)
-        reference = [model.forward(b) for b in batches]
-        for n, (_, cfg) in pinned.items():
-            set_submodule(module, n, build(n, cfg))
-        for n, q in top_modules.items():
-            set_submodule(module, n, q)
-        base_error = output_error(reference, [model.forward(b) for b in batches], metric)
+class Evaluator:
+    """Measures the model's output error against the float outputs on fixed batches, for any
+    configuration of the targeted layers."""
 
-    # Sensitivity of each single-axis lowering (weight or activation), others at the top.
+    def __init__(self, model: ModelHandle, plan: LayerPlan, build: LayerBuilder,
+                 batches: list[dict], metric: str):
+        self.model, self.plan, self.build = model, plan, build
+        self.batches, self.metric = batches, metric
+        with torch.no_grad():
+            for n, m in plan.layers.items():
+                set_submodule(model.module, n, m)
+            self.reference = [model.forward(b) for b in batches]
+
+    def apply(self, state: dict[str, tuple]) -> None:
+        for n, cfg in state.items():
+            set_submodule(self.model.module, n, self.build(n, cfg))
+
+    @torch.no_grad()
+    def error(self, state: dict[str, tuple] | None = None) -> float:
+        if state:
+            self.apply(state)
+        outs = [self.model.forward(b) for b in self.batches]
+        return output_error(self.reference, outs, self.metric)
+
+
+def measure_sensitivities(choices: list[LayerChoice], ev: Evaluator) -> tuple[float, int]:
+    """Set the model at its top configuration (pinned layers as pinned) and measure each
+    single-axis lowering (weight or activation) of each layer alone; fills
+    ``choice.sensitivity`` (additive across the two axes, as in Greedy MP). Returns the top
+    configuration's error and the number of measurements."""
+    ev.apply(ev.plan.pinned)
+    ev.apply({c.name: c.configs[0] for c in choices})
+    base_error = ev.error()
     tasks = []
     for c in choices:
         tw, ta = c.configs[0]
-        cands = {cfg: build(c.name, cfg) for cfg in c.configs
+        cands = {cfg: ev.build(c.name, cfg) for cfg in c.configs
                  if cfg != c.configs[0] and (cfg[0] == tw or cfg[1] == ta)}
         tasks.append(SensitivityTask(c.name, cands))
-    ctx.progress(0.3, f"measuring {sum(len(t.candidates) for t in tasks)} sensitivities")
+    shared = SensitivityShared(ev.model.module, ev.model.task, ev.batches, ev.reference,
+                               ev.metric)
     results = map_tasks(measure_layer, tasks, description="mixed_precision sensitivities",
-                        shared=SensitivityShared(module, model.task, batches, reference, metric))
+                        shared=shared)
     for c, res in zip(choices, results, strict=True):
         tw, ta = c.configs[0]
         sw = {cfg[0]: e - base_error for cfg, e in res.items() if cfg[1] == ta}
         sa = {cfg[1]: e - base_error for cfg, e in res.items() if cfg[0] == tw}
         sw[tw], sa[ta] = 0.0, 0.0
-        # Additive model across the two axes (measured separately, as in Greedy MP).
         c.sensitivity = {cfg: sw[cfg[0]] + sa[cfg[1]] for cfg in c.configs}
+    return base_error, sum(len(t.candidates) for t in tasks)
 
-    saving = "bytes" if b.size_mb is not None and b.avg_weight_bits is None else "bits"
-    wpath = greedy_path(choices, base_error, top, phase="weight", w_fixed=tuple(w_fixed),
-                        a_fixed=tuple(a_fixed), fixed_bytes=fixed_bytes, saving=saving)
 
-    def measure(state: dict) -> float:
-        for n, cfg in state.items():
-            set_submodule(module, n, build(n, cfg))
-        with torch.no_grad():
-            return output_error(reference, [model.forward(bt) for bt in batches], metric)
+# ---- phase 2: search ----------------------------------------------------------------------------
 
-    def meets(s) -> bool:
+@dataclass
+class SearchResult:
+    state: dict[str, tuple]          # chosen configuration of the searched layers
+    weight_path: list[Step]
+    act_path: list[Step]
+    chosen: int                      # index on weight_path
+    measured: dict[int, float]       # measured error at points of weight_path
+
+
+def search(choices: list[LayerChoice], base_error: float, fixed: Fixed, budget: Budget,
+           act_bits: list[int], measure) -> SearchResult:
+    """Greedy MP: lower weight widths along the greedy path until the size targets hold (or,
+    with ``max_error`` alone, as far as the measured error allows), then activation widths
+    the same way. ``measure(state) -> error`` runs the model at a configuration."""
+    b = budget
+    top = {c.name: c.configs[0] for c in choices}
+    wpath = greedy_path(choices, base_error, top, phase="weight", fixed=fixed)
+
+    def meets(s: Step) -> bool:
         return ((b.avg_weight_bits is None or s.avg_weight_bits <= b.avg_weight_bits + 1e-9) and
                 (b.size_mb is None or s.size_bytes / 1e6 <= b.size_mb))
 
@@ -410,10 +473,9 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
     state = state_at(wpath, top, k)
     measured = {0: base_error, k: measure(state)}
     apath = []
-    if config.act_bits and len(config.act_bits) > 1 and (b.avg_act_bits is not None or
-                                                         not size_targets):
-        apath = greedy_path(choices, base_error, state, phase="act", w_fixed=tuple(w_fixed),
-                            a_fixed=tuple(a_fixed), fixed_bytes=fixed_bytes, saving="act_bits")
+    if len(act_bits) > 1 and (b.avg_act_bits is not None or not size_targets):
+        apath = greedy_path(choices, base_error, state, phase="act", fixed=fixed,
+                            saving="act_bits")
         if b.avg_act_bits is not None:
             ka = next(i for i, s in enumerate(apath)
                       if s.avg_act_bits is not None and s.avg_act_bits <= b.avg_act_bits + 1e-9)
@@ -424,52 +486,116 @@ def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassC
     # Trajectory: measure a handful of points along the weight path for the plot.
     for i in sorted({round(j * (len(wpath) - 1) / 6) for j in range(7)} - set(measured)):
         measured[i] = measure(state_at(wpath, top, i))
-    final_error = measure(state)
-    ctx.progress(0.95, "final configuration applied")
+    return SearchResult(state, wpath, apath, k, measured)
 
-    # Apply the final configuration and report.
-    for n, cfg in state.items():
-        set_submodule(module, n, build(n, cfg))
+
+# ---- phase 4: report ----------------------------------------------------------------------------
+
+def report_layers(ctx: PassContext, module: nn.Module, plan: LayerPlan, choices, state,
+                  hessians: dict, config: MixedPrecisionConfig) -> None:
+    """Per layer: nominal and stored weight bits, activation bits, sensitivities, SQNR."""
     sens = {c.name: c.sensitivity for c in choices}
-    final = _averages_report(choices, state, w_fixed, a_fixed, fixed_bytes)
-    for n, m in layers.items():
-        if n in floats:
-            ctx.report.add_layer(n, kind=type(m).__name__, params=m.weight.numel(),
-                                 weight_bits=None, act_bits=None, simulated=False, pinned=True)
+    for n, m in plan.layers.items():
+        params = m.weight.numel()
+        if n in plan.floats:
+            ctx.report.add_layer(n, kind=type(m).__name__, params=params, weight_bits=None,
+                                 weight_bits_stored=32.0, act_bits=None, simulated=False,
+                                 pinned=True)
             continue
-        cfg = state[n] if n in state else pinned[n][1]
+        cfg = state[n] if n in state else plan.pinned[n]
         q = module.get_submodule(n)
         w, a = cfg
-        simulated = w not in (2, 4, 8) or (a is not None and a != 8)
+        # OPT-m's iso-bit 8-bit input is two 7-bit regions: clipped uint8 codes, simulated too
+        aq = getattr(q, "input_quantizer", None)
+        simulated = w not in (2, 4, 8) or (a is not None and a != 8) or (
+            isinstance(aq, TwoRegionActQuantizer) and aq.simulated)
+        size = _layer_size(m, cfg, config.block_size, config.symmetric,
+                           _float_zero(m, cfg, config))
         ctx.report.add_layer(n, sqnr_db=_weight_sqnr(m, q, hessians.get(n)))
         ctx.report.add_layer(
-            n, kind=type(m).__name__, params=m.weight.numel(), weight_bits=w, act_bits=a,
-            simulated=simulated, pinned=n in pinned, onnx=type(q).__name__,
+            n, kind=type(m).__name__, params=params, weight_bits=w,
+            weight_bits_stored=round(stored_bits(size, params), 3), act_bits=a,
+            simulated=simulated, pinned=n in plan.pinned, onnx=type(q).__name__,
             sensitivity=round(sens[n][cfg], 6) if n in sens else None,
             # Error rise with only this layer lowered to each width (activations at the top).
             sensitivity_by_bits={f"W{c[0]}A{c[1] if c[1] is not None else 'f'}": round(v, 6)
                                  for c, v in sens[n].items()} if n in sens else None)
+
+
+def report_summary(ctx: PassContext, plan: LayerPlan, choices, fixed: Fixed,
+                   result: SearchResult, *, base_error: float, final_error: float, metric: str,
+                   measurements: int, opt_m_layers: int, budget: Budget) -> None:
+    """Pass summary (averages, errors, counts), the search trajectory and its plot."""
+    final = averages(choices, result.state, fixed)
+    wpath, k = result.weight_path, result.chosen
     summary = {
         "metric": metric, "base_error": round(base_error, 6), "final_error": round(final_error, 6),
-        "predicted_error": round(wpath[k].predicted_error, 6), "steps": k + max(len(apath) - 1, 0),
-        "avg_weight_bits": round(final[0], 3),
-        "avg_act_bits": None if final[1] is None else round(final[1], 3),
-        "estimated_size_mb": round(final[2] / 1e6, 3), "searched_layers": len(search),
-        "pinned_layers": len(pinned), "float_layers": len(floats),
-        "sensitivities_measured": sum(len(t.candidates) for t in tasks),
-        "opt_m_layers": len(opt_m_layers),
-        "bits_histogram": _histogram(state, pinned)}
-    if b.max_error is not None and final_error > b.max_error:
+        "predicted_error": round(wpath[k].predicted_error, 6),
+        "steps": k + max(len(result.act_path) - 1, 0),
+        # Stored: codes plus scales and zero points per weight (what budget.avg_weight_bits
+        # counts); nominal: the code widths alone.
+        "avg_weight_bits_stored": round(final.weight_bits_stored, 3),
+        "avg_weight_bits_nominal": round(final.weight_bits_nominal, 3),
+        "avg_act_bits": None if final.act_bits is None else round(final.act_bits, 3),
+        "estimated_size_mb": round(final.size_bytes / 1e6, 3),
+        "searched_layers": len(plan.search), "pinned_layers": len(plan.pinned),
+        "float_layers": len(plan.floats), "sensitivities_measured": measurements,
+        "opt_m_layers": opt_m_layers,
+        "bits_histogram": _histogram(result.state, plan.pinned)}
+    if budget.max_error is not None and final_error > budget.max_error:
         ctx.report.warn(f"measured {metric} error {final_error:.4g} exceeds budget.max_error "
-                        f"{b.max_error} at the size budget")
+                        f"{budget.max_error} at the size budget")
         summary["max_error_met"] = False
     ctx.report.summary.update(summary)
+    measured = result.measured
     ctx.report.summary["trajectory"] = [
-        {"step": i, "size_mb": round(s.size_bytes / 1e6, 4), "avg_weight_bits":
-         round(s.avg_weight_bits, 3), "predicted_error": round(s.predicted_error, 6),
+        {"step": i, "size_mb": round(s.size_bytes / 1e6, 4),
+         "avg_weight_bits_stored": round(s.avg_weight_bits, 3),
+         "avg_weight_bits_nominal": round(s.avg_weight_bits_nominal, 3),
+         "predicted_error": round(s.predicted_error, 6),
          "measured_error": round(measured[i], 6) if i in measured else None}
         for i, s in enumerate(wpath) if i in measured or i % max(len(wpath) // 40, 1) == 0]
     _plot(ctx, wpath, measured, k, metric)
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+
+@register_pass(MixedPrecisionConfig, needs_calibration=True)
+def mixed_precision(model: ModelHandle, config: MixedPrecisionConfig, ctx: PassContext) -> None:
+    prefix = f"passes.{ctx.index}."
+    module = model.module
+    route_qkv_bias(module)  # BEiT/EVA qkv would otherwise bypass the quantized module
+    plan = plan_layers(module, config, prefix)
+    metric = config.metric if config.metric != "auto" else (
+        "cosine" if model.task == "text-embedding" else "kl")
+    ranges = observe_ranges(model, plan, config, ctx)
+    ctx.progress(0.05, "activation ranges observed")
+    choices = layer_choices(plan, ranges, config)
+    fixed = fixed_costs(module, plan, ranges, config)
+    _check_feasible(config, choices, fixed, prefix)
+
+    linears = {n: m for n, m in plan.layers.items()
+               if isinstance(m, nn.Linear) and n not in plan.floats}
+    hessians = collect_hessians(model, linears, ctx, config.calibration_samples) \
+        if config.method == "gptq" else {}
+    ctx.progress(0.15, "Hessians collected")
+    build = LayerBuilder(plan.layers, ranges, hessians, config)
+
+    batches = list(ctx.calib.take(config.sensitivity_samples).batches(ctx.batch_size, ctx.device))
+    ev = Evaluator(model, plan, build, batches, metric)
+    ctx.progress(0.3, "measuring sensitivities")
+    base_error, measurements = measure_sensitivities(choices, ev)
+
+    result = search(choices, base_error, fixed, config.budget, config.act_bits, ev.error)
+    ev.apply(result.state)  # phase 3: apply the chosen configuration
+    final_error = ev.error()
+    ctx.progress(0.95, "final configuration applied")
+
+    report_layers(ctx, module, plan, choices, result.state, hessians, config)
+    report_summary(ctx, plan, choices, fixed, result, base_error=base_error,
+                   final_error=final_error, metric=metric, measurements=measurements,
+                   opt_m_layers=sum(r.two_region is not None for r in ranges.values()),
+                   budget=config.budget)
 
 
 def _weight_sqnr(float_layer: nn.Module, q: nn.Module, h: torch.Tensor | None) -> float:
@@ -498,13 +624,6 @@ def _float_params(module: nn.Module, layers: dict[str, nn.Module]):
         yield p
 
 
-def _averages_report(choices, state, w_fixed, a_fixed, fixed_bytes):
-    from ..quant.mixed import _averages
-
-    w, a, size = _averages(choices, state, tuple(w_fixed), tuple(a_fixed))
-    return w, a, size + fixed_bytes
-
-
 def _longest_within(path, start, max_error, measure) -> int:
     """Largest prefix of ``path`` whose measured error is within ``max_error`` (binary search
     on the predicted-monotone path)."""
@@ -518,40 +637,43 @@ def _longest_within(path, start, max_error, measure) -> int:
     return lo
 
 
-def _histogram(state, pinned) -> dict[str, int]:
+def _histogram(state: dict[str, tuple], pinned: dict[str, tuple]) -> dict[str, int]:
     h: dict[str, int] = {}
-    for cfg in list(state.values()) + [c for _, c in pinned.values()]:
+    for cfg in [*state.values(), *pinned.values()]:
         key = f"W{cfg[0]}A{cfg[1] if cfg[1] is not None else 'f'}"
         h[key] = h.get(key, 0) + 1
     return dict(sorted(h.items()))
 
 
-def _check_feasible(config, choices, pinned, ranges, w_fixed, a_fixed, fixed_bytes, prefix):
-    from ..quant.mixed import _averages
-
+def _check_feasible(config: MixedPrecisionConfig, choices: list[LayerChoice], fixed: Fixed,
+                    prefix: str) -> None:
+    """Refuse budgets that even the lowest configuration misses (a RecipeError naming the
+    lowest reachable value)."""
     b = config.budget
     lowest = {c.name: min(c.configs, key=lambda x: (x[0], x[1] or 0)) for c in choices}
-    w_min, a_min, size_min = _averages(choices, lowest, tuple(w_fixed), tuple(a_fixed))
-    size_min += fixed_bytes
-    if b.avg_weight_bits is not None and w_min > b.avg_weight_bits + 1e-9:
+    low = averages(choices, lowest, fixed)
+    if b.avg_weight_bits is not None and low.weight_bits_stored > b.avg_weight_bits + 1e-9:
         raise RecipeError(
             f"{prefix}budget.avg_weight_bits={b.avg_weight_bits} is unreachable: with every "
             f"searchable layer at {min(config.weight_bits)} bits and the pinned layers as set, "
-            f"the average is {w_min:.3f}",
-            [(f"{prefix}budget.avg_weight_bits", f"lowest reachable average is {w_min:.3f}")])
+            f"the average is {low.weight_bits_stored:.3f} stored bits per weight (codes, "
+            f"scales and zero points; {low.weight_bits_nominal:.3f} nominal)",
+            [(f"{prefix}budget.avg_weight_bits",
+              f"lowest reachable average is {low.weight_bits_stored:.3f} stored bits")])
     if b.avg_act_bits is not None:
         if not config.act_bits:
             raise RecipeError(f"{prefix}budget.avg_act_bits needs act_bits candidates",
                               [(f"{prefix}budget.avg_act_bits", "act_bits is empty")])
-        if a_min is None or a_min > b.avg_act_bits + 1e-9:
+        if low.act_bits is None or low.act_bits > b.avg_act_bits + 1e-9:
             raise RecipeError(
                 f"{prefix}budget.avg_act_bits={b.avg_act_bits} is unreachable (lowest "
-                f"average {a_min})", [(f"{prefix}budget.avg_act_bits", "unreachable")])
-    if b.size_mb is not None and size_min / 1e6 > b.size_mb:
+                f"average {low.act_bits})", [(f"{prefix}budget.avg_act_bits", "unreachable")])
+    if b.size_mb is not None and low.size_bytes / 1e6 > b.size_mb:
         raise RecipeError(
             f"{prefix}budget.size_mb={b.size_mb} is unreachable: the smallest configuration "
-            f"is {size_min / 1e6:.2f} MB (float layers and pinned layers included)",
-            [(f"{prefix}budget.size_mb", f"smallest reachable size is {size_min / 1e6:.2f} MB")])
+            f"is {low.size_bytes / 1e6:.2f} MB (float layers and pinned layers included)",
+            [(f"{prefix}budget.size_mb",
+              f"smallest reachable size is {low.size_bytes / 1e6:.2f} MB")])
     if not choices and (b.avg_weight_bits or b.size_mb or b.avg_act_bits):
         raise RecipeError(f"{prefix}overrides pin every targeted layer; nothing to search",
                           [(f"{prefix}overrides", "no layer left to search")])

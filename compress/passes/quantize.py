@@ -49,17 +49,19 @@ class WeightQuant(BaseModel):
 
 class ActivationQuant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    bits: Literal[4, 6, 8] = 8
+    bits: Literal[4, 5, 6, 8] = 8
     symmetric: bool = Field(False, description="false: uint8 with a zero point (fast on x86)")
     observer: Literal["minmax", "percentile", "mse", "cosine"] = Field(
         "minmax", description="range: min-max, percentile, or clipping searched by MSE/cosine")
     percentile: float = Field(99.99, gt=90, le=100, description="for observer: percentile")
     opt_m: list[Literal["gelu", "softmax"]] = Field(
         default_factory=list, description="OPT-m: two-region (fine + 2^m coarser tail) quantizer, "
-        "split and m searched on calibration data by the error of the product the activation "
-        "feeds; exported exactly as two integer matmuls (that product costs twice). Where: "
-        "'gelu' = post-GELU inputs (mlp.fc2, BERT output.dense), 'softmax' = the attention "
-        "probabilities of probs@v (needs attention_matmuls: true). true means [gelu], false []")
+        "iso-bit (each region at bits-1, 2^bits levels in all; one region at bits where no tail "
+        "pays), split and m searched on calibration data by the error of the product the "
+        "activation feeds; exported exactly as two integer matmuls (that product costs "
+        "twice). Where: 'gelu' = post-GELU inputs (mlp.fc2, BERT output.dense), 'softmax' = "
+        "the attention probabilities of probs@v (needs attention_matmuls: true). true means "
+        "[gelu], false []")
 
     @field_validator("opt_m", mode="before")
     @classmethod
@@ -279,7 +281,7 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
                 opt_m[name] = qm.a_quantizer.search()  # by the error of probs @ v
         for name, best in opt_m.items():
             ctx.report.add_layer(name, opt_m_split=float(f"{float(best['split']):.4g}"),
-                                 opt_m_m=best["m"])
+                                 opt_m_m=best["m"], opt_m_region_bits=best["region_bits"])
     for q in layers.values():
         wobs = config.weights.observer
         q.quantize_weight(None if wobs == "minmax" else
@@ -290,6 +292,9 @@ def quantize(model: ModelHandle, config: QuantizeConfig, ctx: PassContext) -> No
     for name, q in layers.items():
         ctx.report.add_layer(name, kind=type(q).__name__.removeprefix("Quant"),
                              params=q.weight.numel(), weight_bits=config.weights.bits,
+                             # int8 codes (any width below 8 is simulated in them) plus an fp32
+                             # scale and an int8 zero point per output channel
+                             weight_bits_stored=round(8 + 40 / q.weight[0].numel(), 3),
                              act_bits=None if name in unobserved else a_bits,
                              sqnr_db=sqnr[name],
                              simulated=config.weights.bits != 8 or (a_bits or 8) != 8)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..context import PassContext
 from ..models.handle import ModelHandle
+from ..models.vim import RMSNorm
 from ..patch.attention import route_qkv_bias
 from ..quant.fold import outputs_match, trace_pairs
 from ..quant.modules import ChannelAffine, apply_input_transform
@@ -24,6 +25,9 @@ from ..registry import PassConfig, register_pass
 from ..targeting import LayerPatterns, _matches
 
 ROWS_PER_GROUP = 4096  # calibration rows (tokens) kept per LayerNorm -> Linear group for alpha
+# Norms whose output is ``normalized * weight (+ bias)`` over the last dimension: the smoothing
+# folds into weight and bias. Vim's RMSNorm has a weight and an optional bias for this.
+NORMS: tuple[type, ...] = (nn.LayerNorm, RMSNorm)
 
 
 class SmoothQuantConfig(PassConfig):
@@ -100,13 +104,14 @@ def find_groups(model: ModelHandle, batch: dict[str, torch.Tensor]) -> list[Grou
     A group is a LayerNorm (over the last dimension, with a scale) and every Linear whose input
     is exactly its output: pre-LN transformer blocks (norm1 -> qkv or q/k/v, norm2 -> fc1 or
     SwiGLU's two projections), patch merging, ConvNeXt's channels-last norm -> fc1, BERT's
-    LayerNorm -> q/k/v and -> intermediate.dense. No class is recognised by name. Where the
+    LayerNorm -> q/k/v and -> intermediate.dense, Vision Mamba's RMSNorm -> in_proj. No Linear
+    is recognised by name. Where the
     LayerNorm's output goes only to those Linears the smoothing folds into it; where it also
     feeds something else (post-LN BERT's residual), folding would change the model, which a
     trial fold detects on ``batch``, so the group keeps an explicit input step instead.
     """
     module = model.module
-    pairs = trace_pairs(module, lambda: model.forward(batch), (nn.LayerNorm,), (nn.Linear,))
+    pairs = trace_pairs(module, lambda: model.forward(batch), NORMS, (nn.Linear,))
     groups = []
     for norm_name, lin_names in pairs.items():
         norm = module.get_submodule(norm_name)

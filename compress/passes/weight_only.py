@@ -87,6 +87,16 @@ def check_block_sizes(layers: dict[str, nn.Module], block: int, field: str) -> N
             [(field, f"{len(bad)} layers have widths not divisible by {block}")])
 
 
+def layer_block_size(width: int, block: int) -> int | None:
+    """``block`` if it divides ``width``; else the largest power of two >= 16 below it that
+    does (a 368-wide classifier head under 32 takes 16); None where none does."""
+    while block >= 16:
+        if width % block == 0:
+            return block
+        block //= 2
+    return None
+
+
 def _in_dim(m: nn.Module) -> int:
     return m.in_features if isinstance(m, nn.Linear) else m.embedding_dim
 
@@ -133,9 +143,24 @@ def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) 
                             (nn.Linear, nn.Embedding, nn.Conv2d), field_prefix=prefix)
     convs = {n: m for n, m in layers.items() if isinstance(m, nn.Conv2d)}
     # Conv rows are padded to whole blocks (ONNX's blocked DequantizeLinear allows a short
-    # last block); MatMulNBits and GatherBlockQuantized need whole blocks.
-    check_block_sizes({n: m for n, m in layers.items() if n not in convs}, config.block_size,
-                      f"{prefix}block_size")
+    # last block); MatMulNBits and GatherBlockQuantized need whole blocks, so a layer whose
+    # width block_size does not divide takes a smaller block, or stays float where no power of
+    # two >= 16 divides it: a model with one odd layer still gets INT4 everywhere else.
+    blocks = {n: config.block_size if n in convs else layer_block_size(_in_dim(m),
+                                                                        config.block_size)
+              for n, m in layers.items()}
+    smaller = {n: b for n, b in blocks.items() if b is not None and b != config.block_size}
+    kept = [n for n, b in blocks.items() if b is None]
+    if smaller:
+        ctx.report.warn(f"{prefix}block_size={config.block_size} does not divide the input "
+                        f"width of {len(smaller)} layer(s); they use smaller blocks: "
+                        + ", ".join(f"{n} (columns={_in_dim(layers[n])}, block {b})"
+                                    for n, b in list(smaller.items())[:10]))
+    if kept:
+        ctx.report.warn(f"{len(kept)} layer(s) kept float: no power of two >= 16 divides their "
+                        "input width: " + ", ".join(f"{n} (columns={_in_dim(layers[n])})"
+                                                   for n in kept[:10]))
+        layers = {n: m for n, m in layers.items() if n not in kept}
     if config.safetensors and config.method == "hqq":
         raise RecipeError(f"{prefix}safetensors needs integer zero points: use method rtn or "
                           f"gptq with safetensors (HQQ's zero points are float)",
@@ -165,7 +190,7 @@ def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) 
         emb = isinstance(layer, nn.Embedding)
         bits = (config.embedding_bits or config.bits) if emb else config.bits
         method = "rtn" if emb else config.method  # GatherBlockQuantized: integer zero points
-        gq = quantize_weight(layer.weight, bits, config.block_size, config.symmetric, method,
+        gq = quantize_weight(layer.weight, bits, blocks[name], config.symmetric, method,
                              hessians.get(name), config.act_order, config.percdamp,
                              config.mse_grid)
         w = layer.weight.detach().float().cpu()
@@ -183,19 +208,16 @@ def weight_only(model: ModelHandle, config: WeightOnlyConfig, ctx: PassContext) 
         saved[name] = (gq, config.symmetric, type(layer).__name__)
         ctx.report.add_layer(name, kind=type(layer).__name__, params=layer.weight.numel(),
                              weight_bits=bits, act_bits=None, sqnr_db=round(sqnr, 2),
-                             simulated=q.simulated, method=method, block_size=config.block_size)
+                             simulated=q.simulated, method=method, block_size=blocks[name])
     n_params = sum(layers[n].weight.numel() for n in layers)
     summary = {"quantized_layers": len(layers), "bits": config.bits, "method": config.method,
                    "block_size": config.block_size, "symmetric": config.symmetric,
-                   "quantized_params": n_params}
+                   "quantized_params": n_params, "float_layers": kept,
+                   "smaller_blocks": smaller}
     if config.safetensors:
         from ..export.compressed_tensors import save_pack_quantized
 
         path = save_pack_quantized(model.module, saved, ctx.out_dir / "compressed-tensors")
-        if not config.symmetric:
-            ctx.report.warn("compressed-tensors/ has asymmetric zero points: compressed-tensors "
-                            "reads it, but Hugging Face transformers 5.x allocates unpacked "
-                            "zero points and refuses it; use symmetric: true for transformers")
         summary["safetensors"] = str(path.relative_to(ctx.out_dir))
         summary["safetensors_mb"] = round(path.stat().st_size / 1e6, 3)
     ctx.report.summary.update(summary)

@@ -115,18 +115,26 @@ def search_weight_scale(w: torch.Tensor, bits: int, metric: str = "mse", grid: i
 
 
 def two_region_fake_quantize(x: torch.Tensor, split: torch.Tensor, scale1: torch.Tensor,
-                             zp1: torch.Tensor, scale2: torch.Tensor, bits: int = 8
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             zp1: torch.Tensor, scale2: torch.Tensor, region_bits: int,
+                             tail: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """OPT-m two-region quantization: the dense region ``x <= split`` on a fine unsigned grid
     (``scale1``, ``zp1``), the tail ``x - split > 0`` on a coarse one (``scale2 = 2^m scale1``,
-    zero point 0). Returns both dequantized parts; their sum is the quantized ``x``.
+    zero point 0), each on ``region_bits`` codes. Returns both dequantized parts; their sum is
+    the quantized ``x``. ``tail=False`` is the single-region form: ``x`` on the fine grid
+    alone (clamped at its top), the second part zero.
+
+    Iso-bit: a b-bit OPT-m activation has two regions at ``region_bits = b - 1`` (one flag bit
+    picks the region: 2^b levels in all, as in PTQ4ViT's twin-uniform and MPTQ-ViT's quantizer)
+    or one region at b bits; ``search_two_region`` chooses.
 
     Serves post-GELU inputs (dense near 0, long positive tail) and post-Softmax probabilities
-    (most mass far below 1, a few large ones; PTQ4ViT's twin-uniform). Each part is an ordinary
-    uint8 QuantizeLinear/DequantizeLinear, so the product with the right operand exports exactly
-    as two integer matmuls (``x @ B = x1 @ B + x2 @ B``).
+    (most mass far below 1, a few large ones). Each part is an ordinary uint8
+    QuantizeLinear/(Clip)/DequantizeLinear, so the product with the right operand exports
+    exactly as two integer matmuls (``x @ B = x1 @ B + x2 @ B``).
     """
-    qmin, qmax = int_range(bits, signed=False)
+    qmin, qmax = int_range(region_bits, signed=False)
+    if not tail:
+        return fake_quantize(x, scale1, zp1, qmin, qmax), torch.zeros_like(x)
     x1 = fake_quantize(torch.minimum(x, split), scale1, zp1, qmin, qmax)
     x2 = fake_quantize(torch.relu(x - split), scale2, torch.zeros((), device=x.device), qmin,
                        qmax)
@@ -136,7 +144,8 @@ def two_region_fake_quantize(x: torch.Tensor, split: torch.Tensor, scale1: torch
 def search_two_region(x: torch.Tensor | list[torch.Tensor], rhs: torch.Tensor | list[torch.Tensor],
                       bits: int = 8, splits: int = 12, max_m: int = 10,
                       value_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Split and power-of-two scale ratio ``2^m`` minimizing the error of the product ``x @ rhs``.
+    """Split and power-of-two scale ratio ``2^m`` minimizing the error of the product ``x @ rhs``
+    at ``bits`` bits in all (iso-bit: two regions at ``bits - 1`` each, or one at ``bits``).
 
     ``x``: calibration samples of the left operand (``..., K``); ``rhs``: the right operand
     (``..., K, N``), broadcast by ``torch.matmul``. For a Linear, ``x`` is input rows (tokens x K)
@@ -144,38 +153,46 @@ def search_two_region(x: torch.Tensor | list[torch.Tensor], rhs: torch.Tensor | 
     ``rhs`` the matching values (B, H, K, d). Lists hold several such pairs (e.g. one per
     calibration batch, whose sequence lengths may differ).
 
-    Splits run over ``max(x) / 2^k`` (k = 0..splits-1); for each, the tail scale is ``2^m`` times
-    the fine one (m = 0..max_m). The objective is the mean of ``((x_hat - x) @ rhs)^2``; split =
-    max(x) (no tail) is a candidate, so the result is never worse than single-scale min-max on
-    this sample. ``value_range`` (min, max) overrides the sample's range (e.g. the range of
-    all calibration data, of which ``x`` is a sample).
+    Candidates: one region over the whole range at ``bits`` (min-max, no tail), and splits at
+    ``max(x) / 2^k`` (k = 1..splits-1) with both regions at ``bits - 1`` and the tail scale
+    ``2^m`` times the fine one (m = 0..max_m). The objective is the mean of ``((x_hat - x) @
+    rhs)^2``; as the single region is a candidate, the result is never worse than uniform
+    ``bits``-bit min-max on this sample. ``value_range`` (min, max) overrides the sample's range
+    (e.g. the range of all calibration data, of which ``x`` is a sample). The result holds
+    ``region_bits`` and ``tail`` (False: the single region won).
     """
     xs = x if isinstance(x, list) else [x]
     rhss = rhs if isinstance(rhs, list) else [rhs]
     if len(xs) != len(rhss) or not xs:
         raise ValueError(f"search_two_region needs matching x/rhs pairs, got {len(xs)} and "
                          f"{len(rhss)}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"two-region activations need 2..8 bits in all, got {bits}")
     if value_range is None:
         value_range = (torch.stack([t.min() for t in xs]).min(),
                        torch.stack([t.max() for t in xs]).max())
     lo, hi = value_range[0].clamp(max=0), value_range[1].clamp(min=0)
-    qmin, qmax = int_range(bits, signed=False)
     best = None
     for k in range(splits):
         split = hi / 2 ** k
         if split <= 0:
             break
-        s1, zp1 = affine_qparams(lo, split, bits)
-        for m in range(max_m + 1 if k else 1):
+        tail = k > 0
+        region_bits = bits - 1 if tail else bits
+        s1, zp1 = affine_qparams(lo, split, region_bits)
+        for m in range(max_m + 1 if tail else 1):
             s2 = s1 * 2 ** m
             sq, n = 0.0, 0
             for xi, ri in zip(xs, rhss, strict=False):
-                x1, x2 = two_region_fake_quantize(xi, split, s1, zp1.float(), s2, bits)
+                x1, x2 = two_region_fake_quantize(xi, split, s1, zp1.float(), s2, region_bits,
+                                                  tail)
                 e = (x1 + x2 - xi) @ ri
                 sq += float(e.double().pow(2).sum())
                 n += e.numel()
             err = sq / n
             if best is None or err < best["error"]:
+                qmax = int_range(region_bits, signed=False)[1]
                 best = {"error": err, "split": split.clone(), "m": m, "scale1": s1, "zp1": zp1,
-                        "scale2": s2, "tail_clipped": bool(hi - split > s2 * qmax)}
+                        "scale2": s2, "region_bits": region_bits, "tail": tail,
+                        "tail_clipped": bool(tail and hi - split > s2 * qmax)}
     return best

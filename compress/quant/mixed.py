@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .weight_only import container_bits
+
 
 def output_error(ref: list[torch.Tensor], out: list[torch.Tensor], metric: str) -> float:
     """Error of ``out`` against ``ref`` (lists of per-batch outputs): 0 means identical.
@@ -34,16 +36,64 @@ def output_error(ref: list[torch.Tensor], out: list[torch.Tensor], metric: str) 
     raise ValueError(f"unknown metric {metric!r}")
 
 
+def weight_storage_bytes(params: int, out_features: int, cfg: tuple | None, *, block: int,
+                         symmetric: bool = False, embedding: bool = False,
+                         float_zero: bool = False) -> float:
+    """Bytes a layer's weight takes in the exported model: codes plus scales and zero points.
+
+    ``cfg`` (weight bits, activation bits) or None (fp32). W8 with activations is a per-channel
+    int8 Q/DQ layer: int8 codes, an fp32 scale and an int8 zero point per output channel.
+    Otherwise block-quantized (MatMulNBits, GatherBlockQuantized for embeddings): codes in their
+    container (2/4/8 bits; 3/5/6 take 8; embeddings 4/8, other widths 8), an fp32 scale per
+    block and, unless symmetric (the operators' default zero point is then dropped at export),
+    a packed zero point of the container's width per block (fp32 for HQQ's float zero points).
+    """
+    if cfg is None:
+        return 4.0 * params
+    w, a = cfg
+    if not embedding and w == 8 and a is not None:
+        return params + 5.0 * out_features
+    c = (w if w in (4, 8) else 8) if embedding else container_bits(w)
+    zero = 0.0 if symmetric else (4.0 if float_zero else c / 8)
+    return params * c / 8 + params / block * (4 + zero)
+
+
+def stored_bits(size_bytes: float, params: int) -> float:
+    """Stored bits per weight: every byte of the weight's codes, scales and zero points."""
+    return 8.0 * size_bytes / max(params, 1)
+
+
 @dataclass
 class LayerChoice:
     """One layer's candidate configurations, their sizes, saved bits and sensitivities."""
 
     name: str
+    params: int
     configs: list[tuple]                # (weight_bits, act_bits) from highest to lowest
-    weight_bits_cost: dict[tuple, float]   # params * weight bits
     act_bits_cost: dict[tuple, float]      # activation elements * act bits (0 if none)
-    size_bytes: dict[tuple, float]
+    size_bytes: dict[tuple, float]         # stored weight bytes (codes, scales, zero points)
     sensitivity: dict[tuple, float] = field(default_factory=dict)  # error rise vs the top
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """What the search does not choose: pinned layers' weights and activations (counted in the
+    averages) and the bytes of everything not searched (counted in the size)."""
+
+    nominal_bits: float = 0.0      # sum of params * nominal width, pinned layers
+    stored_bytes: float = 0.0      # their stored weight bytes
+    params: float = 0.0
+    act_bits: float = 0.0          # sum of activation elements * width
+    act_elements: float = 0.0
+    other_bytes: float = 0.0       # float layers, biases, norms, buffers
+
+
+@dataclass
+class Averages:
+    weight_bits_stored: float      # per weight, codes + scales + zero points
+    weight_bits_nominal: float     # per weight, code width only
+    act_bits: float | None
+    size_bytes: float              # estimated model size
 
 
 @dataclass
@@ -52,43 +102,51 @@ class Step:
     config: tuple
     predicted_error: float
     size_bytes: float
-    avg_weight_bits: float
+    avg_weight_bits: float          # stored bits per weight
+    avg_weight_bits_nominal: float
     avg_act_bits: float | None
 
 
-def _averages(choices: list[LayerChoice], state: dict[str, tuple], w_fixed: tuple[float, float],
-              a_fixed: tuple[float, float]) -> tuple[float, float | None, float]:
-    wb, wn = w_fixed
-    ab, an = a_fixed
-    size = 0.0
+def averages(choices: list[LayerChoice], state: dict[str, tuple], fixed: Fixed = Fixed()
+             ) -> Averages:
+    """Parameter-weighted weight bits (stored and nominal), element-weighted activation bits and
+    the estimated size of configuration ``state``."""
+    nominal, stored, params = fixed.nominal_bits, fixed.stored_bytes, fixed.params
+    ab, an = fixed.act_bits, fixed.act_elements
     for c in choices:
         cfg = state[c.name]
-        wb += c.weight_bits_cost[cfg]
+        nominal += c.params * cfg[0]
+        stored += c.size_bytes[cfg]
+        params += c.params
         ab += c.act_bits_cost[cfg]
-        size += c.size_bytes[cfg]
-        wn += c.weight_bits_cost[c.configs[0]] / max(c.configs[0][0], 1)
         if cfg[1] is not None:
             an += c.act_bits_cost[cfg] / cfg[1]
-    return wb / max(wn, 1), (ab / an if an else None), size
+    return Averages(stored_bits(stored, params), nominal / max(params, 1),
+                    ab / an if an else None, stored + fixed.other_bytes)
 
 
 def greedy_path(choices: list[LayerChoice], base_error: float, start: dict[str, tuple], *,
-                phase: str = "weight", w_fixed: tuple[float, float] = (0.0, 0.0),
-                a_fixed: tuple[float, float] = (0.0, 0.0), fixed_bytes: float = 0.0,
-                saving: str = "bits") -> list[Step]:
+                phase: str = "weight", fixed: Fixed = Fixed(), saving: str = "bytes"
+                ) -> list[Step]:
     """Every greedy step from ``start`` until no layer can be lowered further.
 
     ``phase`` ``weight`` lowers weight widths only (activation widths stay), ``act`` the
     reverse. Per step, every layer's lower configurations are scored by ``(sensitivity rise) /
-    (saving)``, with ``saving`` the weight bits saved (``bits``), bytes saved (``bytes``) or
-    activation bits saved (``act_bits``); the smallest score is committed. Moves that save
-    nothing are not taken. ``w_fixed``/``a_fixed`` are (bits * count, count) of pinned layers,
-    counted in the averages; ``fixed_bytes`` the size of everything not searched.
+    (saving)``, with ``saving`` the stored bytes saved (``bytes``: codes, scales and zero
+    points, so stored bits and size budgets rank moves alike) or the activation bits saved
+    (``act_bits``); the smallest score is committed. Moves that save nothing are not taken
+    (3/5/6-bit weights stored in 8-bit containers save nothing over 8). ``fixed``: pinned
+    layers and everything not searched, counted in the averages and the size.
     """
     state = dict(start)
     err = base_error + sum(c.sensitivity.get(state[c.name], 0.0) for c in choices)
-    wavg, aavg, size = _averages(choices, state, w_fixed, a_fixed)
-    path = [Step("", (), err, size + fixed_bytes, wavg, aavg)]
+
+    def step(layer: str, cfg: tuple) -> Step:
+        avg = averages(choices, state, fixed)
+        return Step(layer, cfg, err, avg.size_bytes, avg.weight_bits_stored,
+                    avg.weight_bits_nominal, avg.act_bits)
+
+    path = [step("", ())]
     keep = 1 if phase == "weight" else 0
     while True:
         best = None
@@ -97,12 +155,10 @@ def greedy_path(choices: list[LayerChoice], base_error: float, start: dict[str, 
             for cand in c.configs:
                 if cand == cur or cand[keep] != cur[keep]:
                     continue
-                if saving == "bytes":
-                    saved = c.size_bytes[cur] - c.size_bytes[cand]
-                elif saving == "act_bits":
+                if saving == "act_bits":
                     saved = c.act_bits_cost[cur] - c.act_bits_cost[cand]
                 else:
-                    saved = c.weight_bits_cost[cur] - c.weight_bits_cost[cand]
+                    saved = c.size_bytes[cur] - c.size_bytes[cand]
                 if saved <= 0:
                     continue
                 rise = c.sensitivity[cand] - c.sensitivity.get(cur, 0.0)
@@ -114,8 +170,7 @@ def greedy_path(choices: list[LayerChoice], base_error: float, start: dict[str, 
         _, c, cand, rise = best
         state[c.name] = cand
         err += rise
-        wavg, aavg, size = _averages(choices, state, w_fixed, a_fixed)
-        path.append(Step(c.name, cand, err, size + fixed_bytes, wavg, aavg))
+        path.append(step(c.name, cand))
 
 
 def state_at(path: list[Step], start: dict[str, tuple], k: int) -> dict[str, tuple]:

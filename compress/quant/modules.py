@@ -133,8 +133,16 @@ class ActQuantizer(nn.Module):
 
 
 class TwoRegionActQuantizer(ActQuantizer):
-    """OPT-m: a fine uint8 grid for the dense region and a ``2^m`` times coarser one for the
-    long tail, split and ``m`` searched by the error of the product the input feeds.
+    """OPT-m: a fine grid for the dense region and a ``2^m`` times coarser one for the long
+    tail, split and ``m`` searched by the error of the product the input feeds.
+
+    Iso-bit: ``bits`` is the total. Two regions get ``bits - 1`` bits each (one flag bit picks
+    the region, so 2^bits levels in all, as MPTQ-ViT's and PTQ4ViT's twin-uniform quantizers);
+    where one region at ``bits`` measures better (no useful tail), the search keeps that and
+    the quantizer is a plain ``bits``-bit one. A 4-bit OPT-m activation compares with a uniform
+    4-bit one at equal bits. Region widths below 8 bits live in uint8 containers with a narrowed
+    clip in the export (Q -> Clip -> DQ), as for ``ActQuantizer``, so ORT and the torch
+    simulation agree when the tail saturates.
 
     Used on post-GELU inputs (``QuantLinear``, product with the weight) and on post-Softmax
     attention probabilities (``QuantMatMul``, product ``probs @ v``). Calibration keeps a sample
@@ -159,6 +167,9 @@ class TwoRegionActQuantizer(ActQuantizer):
         self.range: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kept = 0
         self.m = 0
+        # Set by search(); until then the iso-bit two-region form.
+        self.region_bits = bits - 1
+        self.tail = True
 
     def start_observing(self) -> None:
         self.rows, self.rhs, self.range, self.kept = [], [], None, 0
@@ -199,15 +210,27 @@ class TwoRegionActQuantizer(ActQuantizer):
         if self.mode != "quant":
             return x
         x1, x2 = self.parts(x)
-        return x1 + x2
+        return x1 if x2 is None else x1 + x2
 
-    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def simulated(self) -> bool:
+        return self.region_bits != 8
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fine and the tail part of quantized ``x`` (tail None in the single-region form):
+        the owning module multiplies each by its right operand."""
         if _exporting():
-            x1 = onnx_qdq(torch.minimum(x, self.split), self.scale, self.zero_point)
-            x2 = onnx_qdq(torch.relu(x - self.split), self.scale2, self.zero_point2)
+            qmin, qmax = int_range(self.region_bits, signed=False)
+            clip = (qmin, qmax) if self.region_bits < 8 else None
+            if not self.tail:
+                return onnx_qdq(x, self.scale, self.zero_point, clip=clip), None
+            x1 = onnx_qdq(torch.minimum(x, self.split), self.scale, self.zero_point, clip=clip)
+            x2 = onnx_qdq(torch.relu(x - self.split), self.scale2, self.zero_point2, clip=clip)
             return x1, x2
-        return two_region_fake_quantize(x, self.split, self.scale,
-                                        self.zero_point.to(torch.float32), self.scale2, self.bits)
+        x1, x2 = two_region_fake_quantize(x, self.split, self.scale,
+                                          self.zero_point.to(torch.float32), self.scale2,
+                                          self.region_bits, self.tail)
+        return x1, (x2 if self.tail else None)
 
     @property
     def observed(self) -> bool:
@@ -236,12 +259,15 @@ class TwoRegionActQuantizer(ActQuantizer):
         self.zero_point.copy_(best["zp1"].reshape(()).to(torch.uint8))
         self.scale2.copy_(best["scale2"].reshape(()))
         self.m = best["m"]
+        self.region_bits, self.tail = best["region_bits"], best["tail"]
         self.rows, self.rhs, self.range = [], [], None
         self.mode = "quant"
         return best
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, two-region m={self.m}, mode={self.mode}"
+        regions = f"two regions of {self.region_bits} bits, m={self.m}" if self.tail else \
+            f"one region of {self.region_bits} bits"
+        return f"bits={self.bits}, {regions}, mode={self.mode}"
 
 
 class _SQNRMeter:
@@ -361,7 +387,9 @@ class QuantLinear(QuantWeightMixin, nn.Module):
             if isinstance(self.input_quantizer, TwoRegionActQuantizer) and \
                     self.input_quantizer.mode == "quant":
                 x1, x2 = self.input_quantizer.parts(x)
-                y = torch.matmul(x1, w) + torch.matmul(x2, w)
+                y = torch.matmul(x1, w)
+                if x2 is not None:
+                    y = y + torch.matmul(x2, w)
             else:
                 xq = self.input_quantizer(x) if self.input_quantizer is not None else x
                 y = torch.matmul(xq, w)
@@ -428,7 +456,8 @@ class QuantMatMul(MatMul):
         if isinstance(aq, TwoRegionActQuantizer) and aq.mode == "quant" and _exporting():
             a1, a2 = aq.parts(a)
             bq = self.b_quantizer(b)
-            return torch.matmul(a1, bq) + torch.matmul(a2, bq)
+            y = torch.matmul(a1, bq)
+            return y if a2 is None else y + torch.matmul(a2, bq)
         y = torch.matmul(aq(a), self.b_quantizer(b))
         if self.sqnr.enabled and not _exporting():
             self.sqnr.add(torch.matmul(a, b), y)

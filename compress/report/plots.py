@@ -29,11 +29,15 @@ def layer_plot(layers: list[dict], path: Path) -> bool:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax2 = ax.twinx()
-    for key, color in (("weight_bits", "#E45756"), ("act_bits", "#54A24B")):
+    # Stored bits (codes plus scales and zero points) where the pass reports them, beside the
+    # nominal code width.
+    for key, color, label in (("weight_bits", "#E45756", "weight bits (nominal)"),
+                              ("weight_bits_stored", "#B279A2", "weight bits stored"),
+                              ("act_bits", "#54A24B", "act bits")):
         bits = [r.get(key) for r in rows]
         if any(b is not None for b in bits):
             ax2.step(range(len(rows)), [b if b is not None else float("nan") for b in bits],
-                     where="mid", color=color, label=key.replace("_", " "))
+                     where="mid", color=color, label=label)
     ax2.set_ylabel("bits")
     ax2.set_ylim(0, 17)
     fig.legend(loc="upper right", fontsize=7)

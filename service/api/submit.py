@@ -78,8 +78,10 @@ def prepare_job(form: Form, tenant: str, job_id: str, job_dir: Path, store: JobS
 def check_model_fits(source: str, path: Path) -> None:
     """The uploaded model is of the kind the recipe's ``model.source`` loads."""
     expected = {"timm": "a .safetensors or .pt/.pth weights file",
+                "vim": "a .safetensors or .pt/.pth weights file",
                 "onnx": "an .onnx file", "hf": "a zip/tar of a Hugging Face model folder"}[source]
     fits = {"timm": path.is_file() and path.suffix in (".safetensors", ".pt", ".pth"),
+            "vim": path.is_file() and path.suffix in (".safetensors", ".pt", ".pth"),
             "onnx": path.is_file() and path.suffix == ".onnx",
             "hf": path.is_dir()}[source]
     if not fits:

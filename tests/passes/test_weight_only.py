@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from compress import compress
-from compress.errors import RecipeError
 from compress.recipe import parse_recipe
 from tests.archs import arch_recipe, build_arch_files
 from tests.helpers import tiny_vit_recipe
@@ -41,11 +40,27 @@ def test_weight_only_int4_gptq_tiny_vit(tmp_path, tiny_vit_files):
     assert fc1["sqnr_db"] > 15
 
 
-def test_block_size_must_divide_layer_widths(tmp_path, tiny_vit_files):
+def test_layer_block_size_falls_back_to_a_power_of_two_that_divides():
+    from compress.passes.weight_only import layer_block_size
+
+    assert layer_block_size(384, 128) == 128
+    assert layer_block_size(368, 32) == 16      # regnetx_002's classifier head
+    assert layer_block_size(96, 64) == 32
+    assert layer_block_size(100, 32) is None    # no power of two >= 16 divides 100
+
+
+def test_block_size_that_does_not_divide_a_layer_uses_smaller_blocks(tmp_path, tiny_vit_files):
+    # test_vit is 64 wide (MLP 192): 128 divides no layer, 64 divides all (was exit 2)
     recipe = tiny_vit_recipe(tiny_vit_files, passes=[{"type": "weight_only",
                                                       "block_size": 128}])
-    with pytest.raises(RecipeError, match=r"passes\.0\.block_size=128 does not divide"):
-        _run(recipe, tmp_path / "out")
+    recipe["evaluation"]["latency"] = {"enabled": False}
+    r = _run(recipe, tmp_path / "out").report
+    layers = {row["name"]: row for row in r["layers"]}
+    assert layers["blocks.0.attn.qkv"]["block_size"] == 64
+    assert layers["blocks.0.mlp.fc2"]["block_size"] == 64
+    assert all(row["weight_bits"] == 4 for row in layers.values())
+    assert any("block_size=128 does not divide" in w for w in r["warnings"])
+    assert r["metrics"]["compressed"]["logits_rel_error"] < 0.3
 
 
 def test_block_size_must_be_power_of_two(tiny_vit_files):

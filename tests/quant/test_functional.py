@@ -73,7 +73,7 @@ def test_two_region_search_beats_single_scale_on_post_gelu_tail():
         single = fake_quantize(x, s, zp.float(), 0, 2 ** bits - 1)
         err_single = float(((single - x) @ w.T).pow(2).mean())
         x1, x2 = two_region_fake_quantize(x, best["split"], best["scale1"], best["zp1"].float(),
-                                          best["scale2"], bits)
+                                          best["scale2"], best["region_bits"], best["tail"])
         err = float(((x1 + x2 - x) @ w.T).pow(2).mean())
         assert abs(err - best["error"]) < 1e-6 * max(err, 1)
         assert err < 0.5 * err_single
@@ -101,13 +101,55 @@ def test_two_region_search_lowers_probs_at_v_error_on_softmax_rows():
         single = fake_quantize(probs, s, zp.float(), 0, 2 ** bits - 1)
         err_single = float(((single - probs) @ v).pow(2).mean())
         x1, x2 = two_region_fake_quantize(probs, best["split"], best["scale1"],
-                                          best["zp1"].float(), best["scale2"], bits)
+                                          best["zp1"].float(), best["scale2"],
+                                          best["region_bits"], best["tail"])
         err = float(((x1 + x2 - probs) @ v).pow(2).mean())
         assert abs(err - best["error"]) < 1e-6 * max(err, 1)
         assert 0 < best["split"] < probs.max() / 2  # a real fine region, not the single range
         gains[bits] = err_single / err
-    # measured: 12.4x (8 bits), 8.0x (6), 5.1x (4)
-    assert gains[8] > 8 and gains[6] > 5 and gains[4] > 3
+    # measured iso-bit (regions at bits - 1): 3.05x (8 bits), 2.09x (6), 1.29x (4); with a
+    # full 2^bits grid per region (one bit more in all) it was 12.4x, 8.0x, 5.1x
+    assert gains[8] > 2.5 and gains[6] > 1.7 and gains[4] > 1.1
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_two_region_is_iso_bit_at_most_2_to_the_bits_levels(bits):
+    """A b-bit OPT-m activation takes at most 2^b distinct values (two regions of b - 1 bits),
+    the count a uniform b-bit quantizer has."""
+    from compress.quant.functional import search_two_region, two_region_fake_quantize
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.nn.functional.gelu(torch.randn(256, 32, generator=g))
+    x[::17, 3] += 30  # long tail: the two-region form wins
+    w = torch.randn(16, 32, generator=g)
+    best = search_two_region(x, w.T, bits)
+    assert best["tail"] and best["region_bits"] == bits - 1
+    sweep = torch.linspace(float(x.min()) - 1, float(x.max()) + 50, 200_001)
+    x1, x2 = two_region_fake_quantize(sweep, best["split"], best["scale1"], best["zp1"].float(),
+                                      best["scale2"], best["region_bits"], best["tail"])
+    levels = torch.unique(x1 + x2).numel()
+    assert 2 ** (bits - 1) < levels <= 2 ** bits
+
+
+def test_two_region_keeps_one_full_width_region_when_no_tail_pays():
+    """Uniform data has no tail worth a flag bit: the search keeps one region at all the bits,
+    which is then exactly uniform min-max."""
+    from compress.quant.functional import (
+        affine_qparams,
+        fake_quantize,
+        search_two_region,
+        two_region_fake_quantize,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(512, 32, generator=g)
+    w = torch.randn(8, 32, generator=g)
+    best = search_two_region(x, w.T, 4)
+    assert not best["tail"] and best["region_bits"] == 4
+    s, zp = affine_qparams(x.min(), x.max(), 4)
+    x1, x2 = two_region_fake_quantize(x, best["split"], best["scale1"], best["zp1"].float(),
+                                      best["scale2"], 4, False)
+    assert torch.equal(x1 + x2, fake_quantize(x, s, zp.float(), 0, 15))
 
 
 def test_two_region_search_pools_pairs_of_different_lengths():
@@ -121,7 +163,7 @@ def test_two_region_search_pools_pairs_of_different_lengths():
     sq = n = 0
     for p, v in pairs:
         x1, x2 = two_region_fake_quantize(p, best["split"], best["scale1"], best["zp1"].float(),
-                                          best["scale2"], 8)
+                                          best["scale2"], best["region_bits"], best["tail"])
         e = (x1 + x2 - p) @ v
         sq, n = sq + float(e.double().pow(2).sum()), n + e.numel()
     assert abs(best["error"] - sq / n) < 1e-9 * max(sq / n, 1e-12) + 1e-15

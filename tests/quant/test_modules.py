@@ -3,6 +3,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress.quant.functional import sqnr_db
@@ -186,3 +187,32 @@ def test_channel_affine_without_shift_exports_no_sub(tmp_path):
         torch.onnx.export(m, (x,), str(path), dynamo=False)
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
         assert ops.count("Sub") == subs and ops.count("Mul") == 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_opt_m_saturated_tail_exports_as_simulated(tmp_path, bits):
+    """Inputs far beyond the calibrated tail saturate the tail region at its (bits - 1)-bit top
+    code: ORT must clip there as the torch simulation does (without the narrowed Clip the uint8
+    QuantizeLinear would saturate at 255 instead)."""
+    from compress.quant.modules import TwoRegionActQuantizer
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    q = QuantLinear(lin, 8, TwoRegionActQuantizer(bits))
+    q.input_quantizer.start_observing()
+    x = F.gelu(torch.randn(64, 32))
+    x[::5, 3] += 8.0  # a long tail: the two-region form wins
+    q(x)
+    best = q.input_quantizer.search(q.weight.T)
+    q.quantize_weight()
+    assert best["tail"] and best["region_bits"] == bits - 1
+    test = F.gelu(torch.randn(8, 32))
+    test[:, 3] += 200.0  # far beyond the calibrated tail
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        x1, x2 = q.input_quantizer.parts(test)
+        assert torch.allclose(x2[:, 3], q.input_quantizer.scale2 * qmax)  # saturated
+        ref = q(test).numpy()
+    out, proto = _export_and_run(q, (test,), tmp_path / "sat.onnx")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    assert [n.op_type for n in proto.graph.node].count("Clip") == 2  # one per region

@@ -152,7 +152,7 @@ print(res.exit_code, res.output)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=repo, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("2 ") and "pip install 'compress[service]'" in out.stdout
+    assert out.stdout.startswith("2 ") and "pip install 'compress-models[client]'" in out.stdout
 
 
 # ------------------------------------------------------------------ short job ids (issue 15)
