@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import digits_vit
 
@@ -47,41 +46,21 @@ def create_model(**overrides):
 def train(splits: dict[str, np.ndarray], log=print, epochs: int = EPOCHS):
     torch.manual_seed(SEED)
     model = create_model(drop_path_rate=0.05)
-    x, y = torch.from_numpy(splits["x_train"]), torch.from_numpy(splits["y_train"])
-    teacher = digits_vit.fit_teacher(splits["x_train"], splits["y_train"])
     # No weight decay on the SSM's own parameters (A_log, D, biases, norms), as in Vim.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "A_log" not in n
-             and "A_b_log" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (
-        p.dim() >= 2 and "A_log" not in n and "A_b_log" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=LR)
-    steps_per_epoch = (len(x) + BATCH - 1) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR,
-                                                total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.1)
-    g = torch.Generator().manual_seed(SEED)
-    shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
-    soft = torch.stack([torch.from_numpy(teacher.predict_proba(
-        digits_vit.shift_images(x, dy, dx).flatten(1).numpy())).float() for dy, dx in shifts])
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), BATCH):
-            b = perm[i:i + BATCH]
-            s = int(torch.randint(0, len(shifts), (1,), generator=g))
-            xb = digits_vit.shift_images(x[b], *shifts[s])
-            logits = model(xb)
-            loss = 0.5 * F.cross_entropy(logits, y[b]) + 0.5 * F.kl_div(
-                logits.log_softmax(-1), soft[s][b], reduction="batchmean")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    decays = {n: p.dim() >= 2 and "A_log" not in n and "A_b_log" not in n
+              for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in model.named_parameters() if decays[n]], "weight_decay": 0.05},
+         {"params": [p for n, p in model.named_parameters() if not decays[n]],
+          "weight_decay": 0.0}], lr=LR)
+
+    def on_epoch(epoch: int, loss: float) -> None:
         if (epoch + 1) % 4 == 0 or epoch + 1 == epochs:
-            log(f"digits-vim epoch {epoch + 1}/{epochs} loss {loss.item():.3f} test top-1 "
+            log(f"digits-vim epoch {epoch + 1}/{epochs} loss {loss:.3f} test top-1 "
                 f"{evaluate_accuracy(model, splits) * 100:.2f}%")
-    model.eval()
+
+    digits_vit.distill_from_teacher(model, opt, splits, epochs=epochs, batch=BATCH, max_lr=LR,
+                                    pct_start=0.1, seed=SEED, on_epoch=on_epoch)
     return model, evaluate_accuracy(model, splits)
 
 

@@ -98,14 +98,30 @@ def train(splits: dict[str, np.ndarray], log=print, *, epochs: int = EPOCHS
     schedule (the test of reproducibility); the shipped weights come from the default."""
     torch.manual_seed(SEED)
     model = create_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if (epoch + 1) % 10 == 0:
+            log(f"digits-vit epoch {epoch + 1}/{epochs} loss {loss:.3f}")
+
+    distill_from_teacher(model, opt, splits, epochs=epochs, batch=BATCH, max_lr=LR,
+                         pct_start=0.05, seed=SEED, on_epoch=on_epoch)
+    return model, evaluate_accuracy(model, splits)
+
+
+def distill_from_teacher(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                         splits: dict[str, np.ndarray], *, epochs: int, batch: int,
+                         max_lr: float, pct_start: float, seed: int, on_epoch) -> None:
+    """The training schedule both digits references use: one-cycle LR, batches shifted by up
+    to 2 pixels, loss half cross-entropy on labels, half KL to an SVM teacher's probabilities.
+    ``on_epoch(epoch, last_loss)`` runs after each epoch (logging); the model ends in eval mode."""
     x, y = torch.from_numpy(splits["x_train"]), torch.from_numpy(splits["y_train"])
     teacher = fit_teacher(splits["x_train"], splits["y_train"])
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
-    steps_per_epoch = (len(x) + BATCH - 1) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR,
+    steps_per_epoch = (len(x) + batch - 1) // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr,
                                                 total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.05)
-    g = torch.Generator().manual_seed(SEED)
+                                                pct_start=pct_start)
+    g = torch.Generator().manual_seed(seed)
     shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
     # Teacher targets for every training image under every shift, computed once.
     soft = torch.stack([torch.from_numpy(teacher.predict_proba(
@@ -113,22 +129,19 @@ def train(splits: dict[str, np.ndarray], log=print, *, epochs: int = EPOCHS
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), BATCH):
-            b = perm[i:i + BATCH]
+        for i in range(0, len(x), batch):
+            b = perm[i:i + batch]
             # Random translation by up to 2 pixels (1 original pixel), filled with background.
             s = int(torch.randint(0, len(shifts), (1,), generator=g))
-            xb = shift_images(x[b], *shifts[s])
-            logits = model(xb)
+            logits = model(shift_images(x[b], *shifts[s]))
             loss = 0.5 * F.cross_entropy(logits, y[b]) + 0.5 * F.kl_div(
                 logits.log_softmax(-1), soft[s][b], reduction="batchmean")
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-        if (epoch + 1) % 10 == 0:
-            log(f"digits-vit epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+        on_epoch(epoch, loss.item())
     model.eval()
-    return model, evaluate_accuracy(model, splits)
 
 
 def evaluate_accuracy(model: torch.nn.Module, splits: dict[str, np.ndarray]) -> float:
